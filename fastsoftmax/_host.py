@@ -1,0 +1,185 @@
+"""Host side of every op: reshape to rows, allocate, launch, reshape back.
+
+The kernels see one layout only: a C-contiguous ``(R, C)`` array in the
+compute dtype with the reduced dimension last. This module brings any tensor
+to that layout (``movedim`` + ``contiguous``: a copy only when the reduced
+dimension is not already last and dense), picks the backend by device, and
+returns results in the caller's layout and dtype. Outputs whose reduced
+dimension was not last come back as a permuted view of a row-major buffer,
+so no second copy is made.
+"""
+
+import torch
+
+from . import _cpu_backend
+from ._dispatch import COMPUTE_DTYPE
+
+
+def backend(x: torch.Tensor):
+    if x.is_cuda:
+        from . import _cuda_backend
+
+        return _cuda_backend
+    return _cpu_backend
+
+
+def rows_last(x: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` with ``dim`` moved last, contiguous, in ``dtype``."""
+    if dim != x.ndim - 1:
+        x = x.movedim(dim, -1)
+    return x.to(dtype).contiguous()
+
+
+def moved_shape(shape, dim: int) -> list:
+    shape = list(shape)
+    shape.append(shape.pop(dim))
+    return shape
+
+
+def empty_moved(x: torch.Tensor, dim: int, dtype: torch.dtype, allocate=None) -> torch.Tensor:
+    """An uninitialised tensor shaped like ``x``, its ``dim`` stored last."""
+    shape = moved_shape(x.shape, dim)
+    out = allocate(shape, dtype) if allocate else torch.empty(shape, dtype=dtype, device=x.device)
+    return out.movedim(-1, dim) if dim != x.ndim - 1 else out
+
+
+# --- softmax and log_softmax -------------------------------------------------
+
+
+def softmax_forward(x: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
+    """softmax (or log_softmax) of ``x`` along ``dim``; ``dim`` already in range."""
+    if x.ndim == 0:
+        return softmax_forward(x.reshape(1), 0, log).reshape(())
+    compute = COMPUTE_DTYPE[x.dtype]
+    be = backend(x)
+    xr = rows_last(x, dim, compute)
+    y = be.empty(xr.shape, compute)
+    if xr.numel():
+        n_cols = xr.shape[-1]
+        be.softmax_forward(xr.view(-1, n_cols), y.view(-1, n_cols), log)
+    if dim != x.ndim - 1:
+        y = y.movedim(-1, dim)
+    return y.to(x.dtype)
+
+
+def softmax_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
+    """Gradient of :func:`softmax_forward` from its output ``y``."""
+    if y.ndim == 0:
+        return softmax_backward(y.reshape(1), dy.reshape(1), 0, log).reshape(())
+    compute = COMPUTE_DTYPE[y.dtype]
+    be = backend(y)
+    yr = rows_last(y, dim, compute)
+    dyr = rows_last(dy, dim, compute)
+    dx = be.empty(yr.shape, compute)
+    if yr.numel():
+        n_cols = yr.shape[-1]
+        be.softmax_backward(yr.view(-1, n_cols), dyr.view(-1, n_cols), dx.view(-1, n_cols), log)
+    if dim != y.ndim - 1:
+        dx = dx.movedim(-1, dim)
+    return dx.to(y.dtype)
+
+
+def softmax_fake(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The layout :func:`softmax_forward` returns, without computing it."""
+    if x.ndim == 0:
+        return torch.empty_like(x)
+    return empty_moved(x, dim, x.dtype)
+
+
+# --- cross-entropy -------------------------------------------------------------
+
+
+def is_prob_target(input: torch.Tensor, target: torch.Tensor) -> bool:
+    """PyTorch's rule: a target of the input's shape holds class probabilities."""
+    return input.shape == target.shape
+
+
+def ce_loss_shape(input: torch.Tensor, reduction: str) -> list:
+    if reduction != "none":
+        return []
+    shape = list(input.shape)
+    del shape[0 if input.ndim == 1 else 1]
+    return shape
+
+
+def ce_grad_fake(input: torch.Tensor, compute_grad: bool) -> torch.Tensor:
+    compute = COMPUTE_DTYPE[input.dtype]
+    if not compute_grad:
+        return input.new_empty((0,), dtype=compute)
+    return empty_moved(input, 0 if input.ndim == 1 else 1, compute)
+
+
+def cross_entropy_forward(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad):
+    """Loss (reduced) and, if ``compute_grad``, d(loss)/d(input) for a unit grad_output.
+
+    Arguments are already validated by :func:`fastsoftmax.functional.cross_entropy`
+    except the target values, which are checked here in one pass before the
+    main kernel runs.
+    """
+    be = backend(input)
+    compute = COMPUTE_DTYPE[input.dtype]
+    squeeze = input.ndim == 1
+    if squeeze:
+        input, target = input.unsqueeze(0), target.unsqueeze(0)
+    n_classes = input.shape[1]
+    xr = rows_last(input, 1, compute)
+    x2 = xr.view(-1, n_classes)
+    n_rows = x2.shape[0]
+    w = weight.to(compute).contiguous() if weight is not None else None
+    loss_rows = be.empty((n_rows,), torch.float64)
+    grad = be.empty((n_rows if compute_grad else 0, n_classes), compute)
+    if is_prob_target(input, target):
+        q = rows_last(target, 1, compute).view(-1, n_classes)
+        denom = float(n_rows)
+        scale = 1.0 if reduction != "mean" else (1.0 / denom if n_rows else 0.0)
+        if n_rows:
+            be.cross_entropy_prob(x2, q, w, label_smoothing, scale, loss_rows, grad)
+    else:
+        t = target.reshape(-1).to(torch.int64)
+        bad, denom, _ = be.check_targets(t, n_classes, ignore_index, w, x2)
+        if bad >= 0:
+            value = int(t[bad])
+            raise IndexError(
+                f"fastsoftmax: target {value} at position {bad} is out of bounds: "
+                f"expected a class index in [0, {n_classes - 1}] or ignore_index={ignore_index}"
+            )
+        scale = 1.0 if reduction != "mean" else (1.0 / denom if denom else 0.0)
+        if n_rows:
+            be.cross_entropy_index(x2, t, w, ignore_index, label_smoothing, scale, loss_rows, grad)
+    if reduction == "none":
+        loss = loss_rows.view(target.shape[:1] + target.shape[2:] if target.shape == input.shape else target.shape)
+        if squeeze:
+            loss = loss.reshape(())
+    elif reduction == "sum":
+        loss = loss_rows.sum()
+    else:
+        loss = loss_rows.sum() / denom if denom else torch.tensor(float("nan"), dtype=torch.float64)
+    loss = loss.to(input.dtype)
+    if compute_grad:
+        grad = grad.view(xr.shape)
+        grad = grad.squeeze(0) if squeeze else grad.movedim(-1, 1)
+    return loss, grad
+
+
+def cross_entropy_backward(grad: torch.Tensor, grad_output: torch.Tensor, input_dtype: torch.dtype) -> torch.Tensor:
+    """``grad * grad_output``, broadcast over the class dimension.
+
+    ``grad`` is the forward's gradient for a unit grad_output; ``grad_output``
+    is a scalar (mean, sum) or holds one value per loss element (none).
+    """
+    be = backend(grad)
+    squeeze = grad.ndim == 1
+    gr = grad.unsqueeze(0) if squeeze else grad.movedim(1, -1)
+    gr = gr.contiguous()
+    n_classes = gr.shape[-1]
+    g2 = gr.view(-1, n_classes)
+    out = be.empty(gr.shape, gr.dtype)
+    o2 = out.view(-1, n_classes)
+    if g2.numel():
+        if grad_output.numel() == 1 and be.is_one(grad_output):
+            be.copy(g2, o2)
+        else:
+            factor = grad_output.to(torch.float64).reshape(-1).expand(g2.shape[0]).contiguous()
+            be.scale_rows(g2, factor, o2)
+    out = out.squeeze(0) if squeeze else out.movedim(-1, 1)
+    return out.to(input_dtype)

@@ -1,0 +1,40 @@
+"""Every tunable of fastsoftmax in one place. Tests patch these."""
+
+#: Fast-math flags for the CPU kernels. Deliberately not ``fastmath=True``:
+#: without ``nnan`` and ``ninf`` LLVM may not assume away NaN or infinity, so
+#: ``-inf`` masks give exact zeros and a NaN stays in its row, as in PyTorch.
+#: ``reassoc`` lets LLVM split reductions into SIMD lanes; ``contract`` allows FMA.
+FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
+
+#: Flags for the exp and log polynomials: their Cody-Waite range reduction
+#: must be evaluated in the written order, so no ``reassoc`` and no ``afn``.
+FASTMATH_EXACT = frozenset({"nsz", "contract"})
+
+#: Below this many elements the CPU kernels run on the calling thread:
+#: waking the thread pool costs more than the work.
+CPU_PARALLEL_MIN_ELEMENTS = 1 << 15
+
+#: Outputs of at least this many bytes come from the buffer pool
+#: (:mod:`fastsoftmax._pool`); smaller ones from ``torch.empty``.
+POOL_MIN_BYTES = 1 << 20
+
+#: The most bytes the pool keeps cached for reuse. Freed buffers beyond this
+#: are returned to the operating system.
+POOL_MAX_CACHED_BYTES = 8 << 30
+
+# --- CUDA -----------------------------------------------------------------
+
+#: Threads per block for the block-per-row kernels.
+CUDA_THREADS_PER_BLOCK = 256
+
+#: Rows of at most this many columns get one warp per row.
+CUDA_WARP_ROW_MAX_COLS = 1024
+
+#: Rows of at most this many columns are kept in registers/shared memory
+#: (one read of the input); longer rows use the online two-pass path.
+CUDA_BLOCK_ROW_MAX_COLS = 16384
+
+#: Use warp shuffles for reductions (hardware). The CUDA simulator has no
+#: shuffles, so the simulator tests set this to False to run the
+#: shared-memory reduction path instead.
+CUDA_USE_SHUFFLE = True

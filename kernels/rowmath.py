@@ -1,0 +1,171 @@
+"""Row math shared by the CPU and the CUDA kernels.
+
+Everything here is scalar code over one row of logits ``x`` of length ``C``:
+
+* the running max / sum-of-exponentials pair ``(m, s)`` with
+  ``s = sum_j exp(x_j - m)``, updated one element at a time
+  (:func:`online_update`) or merged from two partial rows
+  (:func:`lse_merge`), so that ``logsumexp(x) = m + log(s)`` never overflows;
+* the cross-entropy loss of one row and the coefficients of its gradient,
+  written once (:func:`ce_index_loss`, :func:`ce_index_grad_coeffs`).
+
+The functions are plain Python; :mod:`kernels.cpu` compiles them with
+``numba.njit`` and :mod:`kernels.cuda` with ``numba.cuda.jit(device=True)``,
+so the two targets cannot drift apart.
+
+The CPU also needs an exp that LLVM can vectorise: :func:`vexp` (below).
+"""
+
+import math
+
+import numpy as np
+from numba import types
+from numba.extending import overload
+from numba.np.numpy_support import as_dtype
+
+from . import config
+from ._llvm import pow2i
+
+
+def online_update(m, s, x):
+    """Fold ``x`` into the running pair ``(m, s)``.
+
+    ``m' = max(m, x)``, ``s' = s * exp(m - m') + exp(x - m')``. Starting from
+    ``(-inf, 0)``; a NaN ``x`` makes ``s`` NaN, as it must.
+    """
+    if x > m:
+        s = s * math.exp(m - x) + 1.0
+        m = x
+    else:
+        s = s + math.exp(x - m)
+    return m, s
+
+
+def lse_merge(m_a, s_a, m_b, s_b):
+    """Merge two running pairs: the pair of the concatenated rows.
+
+    An empty side is ``(-inf, 0)`` and contributes nothing (no ``-inf - -inf``).
+    """
+    if m_b > m_a:
+        m_a, s_a, m_b, s_b = m_b, s_b, m_a, s_a
+    if s_b == 0.0:
+        return m_a, s_a
+    return m_a, s_a + s_b * math.exp(m_b - m_a)
+
+
+def ce_index_loss(m, log_s, x_t, w_t, sum_wd, w_sum, eps, n_classes):
+    """Cross-entropy of one row with class-index target ``t``.
+
+    With ``lse = m + log(s)``, label smoothing ``eps`` and class weights ``w``
+    (``W = sum_c w_c``), PyTorch's loss is
+
+        (1 - eps) * w_t * (lse - x_t)  +  eps / C * sum_c w_c * (lse - x_c).
+
+    ``lse - x_c`` is formed as ``(m - x_c) + log(s)`` so that large logits do not
+    cancel: ``sum_wd = sum_c w_c * (m - x_c)`` is accumulated by the caller.
+    """
+    loss = (1.0 - eps) * w_t * ((m - x_t) + log_s)
+    if eps > 0.0:
+        loss += eps / n_classes * (sum_wd + w_sum * log_s)
+    return loss
+
+
+def ce_index_grad_coeffs(s, w_t, w_sum, eps, n_classes, scale):
+    """Coefficients of the gradient of :func:`ce_index_loss`.
+
+    ``d loss / d x_j = A * p_j - eps / C * w_j - (1 - eps) * w_t * [j == t]``
+    with ``p_j = exp(x_j - m) / s`` and ``A = (1 - eps) * w_t + eps / C * W``.
+    Returns ``(A * scale / s, eps / C * scale, (1 - eps) * w_t * scale)``: the
+    factor of ``exp(x_j - m)``, of ``w_j`` and of the one-hot term.
+    """
+    a = (1.0 - eps) * w_t + eps / n_classes * w_sum
+    return a * scale / s, eps / n_classes * scale, (1.0 - eps) * w_t * scale
+
+
+# --- a vectorisable exp for the CPU ------------------------------------------
+
+
+def vexp(x):
+    """exp(x), accurate to within one ulp over the normal range.
+
+    ``math.exp`` compiles to a libm call that LLVM cannot vectorise; this one is
+    polynomial arithmetic it can. Range reduction ``x = n*ln2 + r`` with
+    ``|r| <= ln2/2`` (Cody-Waite, two-part ln2), a Taylor polynomial for
+    ``exp(r)`` (degree 7 in float32, 13 in float64: truncation below 0.1 ulp),
+    then ``2**n`` from the exponent bits. Results below the smallest normal
+    number flush to zero; NaN stays NaN, ``-inf`` gives 0 and ``+inf`` gives inf.
+    """
+    return math.exp(x)
+
+
+@overload(vexp, jit_options={"fastmath": set(config.FASTMATH_EXACT)}, inline="never")
+def _vexp_impl(x):
+    if x == types.float32:
+        f = np.float32
+
+        def exp32(x):
+            # the comparisons are written so that a NaN x falls through untouched
+            x = f(-104.0) if x < f(-104.0) else x
+            x = f(89.0) if x > f(89.0) else x
+            n = np.floor(x * f(1.44269504088896341) + f(0.5))
+            r = x - n * f(0.693359375)
+            r = r - n * f(-2.12194440e-4)
+            p = f(1.0 / 5040.0)
+            p = p * r + f(1.0 / 720.0)
+            p = p * r + f(1.0 / 120.0)
+            p = p * r + f(1.0 / 24.0)
+            p = p * r + f(1.0 / 6.0)
+            p = p * r + f(0.5)
+            p = p * r + f(1.0)
+            p = p * r + f(1.0)
+            # 2**128 has no float32 exponent: borrow one factor of 2 from p
+            p = p * f(2.0) if n > f(127.0) else p
+            n = n - f(1.0) if n > f(127.0) else n
+            n = n if n > f(-127.0) else f(-127.0)  # 2**-127 -> bits 0 -> 0.0; NaN -> -127
+            return p * pow2i(n)
+
+        return exp32
+    if x == types.float64:
+
+        def exp64(x):
+            x = -746.0 if x < -746.0 else x
+            x = 710.0 if x > 710.0 else x
+            n = np.floor(x * 1.4426950408889634 + 0.5)
+            r = x - n * 6.93147180369123816490e-01
+            r = r - n * 1.90821492927058770002e-10
+            p = 1.0 / 6227020800.0
+            p = p * r + 1.0 / 479001600.0
+            p = p * r + 1.0 / 39916800.0
+            p = p * r + 1.0 / 3628800.0
+            p = p * r + 1.0 / 362880.0
+            p = p * r + 1.0 / 40320.0
+            p = p * r + 1.0 / 5040.0
+            p = p * r + 1.0 / 720.0
+            p = p * r + 1.0 / 120.0
+            p = p * r + 1.0 / 24.0
+            p = p * r + 1.0 / 6.0
+            p = p * r + 0.5
+            p = p * r + 1.0
+            p = p * r + 1.0
+            p = p * 2.0 if n > 1023.0 else p
+            n = n - 1.0 if n > 1023.0 else n
+            n = n if n > -1023.0 else -1023.0
+            return p * pow2i(n)
+
+        return exp64
+    return None
+
+
+def cast_like(value, array):
+    """``value`` converted to the element type of ``array`` (inside jitted code)."""
+    return array.dtype.type(value)
+
+
+@overload(cast_like, inline="always")
+def _cast_like_impl(value, array):
+    to = as_dtype(array.dtype).type
+
+    def impl(value, array):
+        return to(value)
+
+    return impl

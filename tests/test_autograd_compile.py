@@ -1,0 +1,96 @@
+"""gradcheck in float64, torch.library.opcheck on every op, torch.compile(fullgraph=True)."""
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from conftest import assert_close, randn
+
+import fastsoftmax
+from fastsoftmax import _ops
+
+
+@pytest.mark.parametrize("fn", [fastsoftmax.softmax, fastsoftmax.log_softmax], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("shape,dim", [((3, 7), 1), ((2, 4, 3), 1), ((5,), 0)])
+def test_gradcheck_softmax(fn, shape, dim):
+    x = randn(*shape, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: fn(x, dim), (x,))
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradcheck_cross_entropy(kind, reduction):
+    x = randn(4, 6, 2, dtype=torch.float64).requires_grad_()
+    if kind == "prob":
+        t = torch.softmax(randn(4, 6, 2, dtype=torch.float64), 1)
+    else:
+        t = torch.randint(0, 6, (4, 2))
+    w = torch.rand(6, dtype=torch.float64) + 0.5
+    assert torch.autograd.gradcheck(
+        lambda x: fastsoftmax.cross_entropy(x, t, weight=w, reduction=reduction, label_smoothing=0.2), (x,)
+    )
+
+
+def _opcheck_cases():
+    x = randn(6, 9, dtype=torch.float32).requires_grad_()
+    x3 = randn(2, 5, 4, dtype=torch.float64).requires_grad_()
+    yield "softmax", _ops.softmax, (x, 1)
+    yield "softmax_dim0_3d", _ops.softmax, (x3, 0)
+    yield "log_softmax", _ops.log_softmax, (x3, 1)
+    y = torch.softmax(x.detach(), 1)
+    yield "softmax_backward", _ops.softmax_backward, (y, randn(6, 9), 1)
+    yield "log_softmax_backward", _ops.log_softmax_backward, (torch.log(y), randn(6, 9), 1)
+    t = torch.randint(0, 9, (6,))
+    for reduction in ("mean", "none"):
+        yield f"ce_{reduction}", _ops.cross_entropy, (x, t, None, -100, reduction, 0.1, True)
+    w = torch.rand(5, dtype=torch.float64)
+    yield "ce_kdim_weighted", _ops.cross_entropy, (x3, torch.randint(0, 5, (2, 4)), w, 1, "sum", 0.0, True)
+    yield "ce_prob", _ops.cross_entropy, (x3, torch.softmax(randn(2, 5, 4, dtype=torch.float64), 1), None, -100, "mean", 0.0, True)
+    yield "ce_backward", _ops.cross_entropy_backward, (randn(6, 9), torch.tensor(0.5), torch.float32)
+
+
+@pytest.mark.parametrize("name,op,args", list(_opcheck_cases()), ids=[c[0] for c in _opcheck_cases()])
+def test_opcheck(name, op, args):
+    torch.library.opcheck(op, args)
+
+
+class _Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(20, 10)
+
+    def forward(self, x, t):
+        logits = self.linear(x)
+        p = fastsoftmax.softmax(logits, -1)
+        lp = fastsoftmax.log_softmax(logits, 1)
+        return fastsoftmax.cross_entropy(logits, t, label_smoothing=0.1) + (p * lp).sum() * 0.01
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    torch.manual_seed(0)
+    model = _Model().double()
+    x = randn(32, 20, dtype=torch.float64)
+    t = torch.randint(0, 10, (32,))
+    eager_loss = model(x, t)
+    eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss = compiled(x, t)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert_close(loss, eager_loss)
+    for g, ge in zip(grads, eager_grads):
+        assert_close(g, ge)
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_matches_torch():
+    torch._dynamo.reset()
+    x = randn(16, 30, dtype=torch.float32).requires_grad_()
+    t = torch.randint(0, 30, (16,))
+    fn = torch.compile(lambda x, t: fastsoftmax.cross_entropy(x, t) + fastsoftmax.softmax(x, 1).max(), fullgraph=True)
+    loss = fn(x, t)
+    loss.backward()
+    x64 = x.detach().double().requires_grad_()
+    ref = TF.cross_entropy(x64, t) + torch.softmax(x64, 1).max()
+    ref.backward()
+    assert_close(loss, ref, torch.float32)
+    assert_close(x.grad, x64.grad, torch.float32)

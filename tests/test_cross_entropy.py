@@ -1,0 +1,186 @@
+"""cross_entropy against torch in float64: every option and their combinations."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from conftest import FLOAT_DTYPES, assert_close, randn
+
+import fastsoftmax
+
+SHAPES = [
+    (5,),  # (C): a single example, loss is 0-d
+    (16, 1),  # one class: loss 0, gradient 0
+    (33, 10),  # the softmax-regression shape, odd batch
+    (8, 1000),  # non power of two, vector body + remainder
+    (4, 7, 3),  # (N, C, d1): class dim in the middle, moved last and back
+    (2, 5, 3, 4),  # (N, C, d1, d2)
+]
+
+
+def _targets(shape, kind, ignore_index=-100, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n_classes = shape[0] if len(shape) == 1 else shape[1]
+    if kind == "prob":
+        return torch.softmax(torch.randn(shape, generator=g, dtype=torch.float64) * 2, 0 if len(shape) == 1 else 1)
+    tshape = () if len(shape) == 1 else shape[:1] + shape[2:]
+    t = torch.randint(0, n_classes, tshape, generator=g)
+    if kind == "ignore" and t.numel() > 1:
+        t.view(-1)[::3] = ignore_index
+    return t
+
+
+def _run(fn, x, target, **kw):
+    x = x.detach().requires_grad_()
+    loss = fn(x, target, **kw)
+    go = randn(*loss.shape, dtype=torch.float64, seed=7)  # a non-unit grad_output, per element for "none"
+    (dx,) = torch.autograd.grad(loss, x, go.to(loss.dtype))
+    return loss, dx
+
+
+CASES = list(
+    itertools.product(
+        SHAPES,
+        ["index", "ignore", "prob"],
+        [False, True],  # class weights
+        ["mean", "sum", "none"],
+        [0.0, 0.3],  # label smoothing
+    )
+)
+
+
+@pytest.mark.parametrize("shape,kind,weighted,reduction,smoothing", CASES, ids=[str(c) for c in CASES])
+def test_every_option_against_float64(shape, kind, weighted, reduction, smoothing):
+    x = randn(*shape, dtype=torch.float64, seed=1)
+    n_classes = shape[0] if len(shape) == 1 else shape[1]
+    target = _targets(shape, kind, ignore_index=2 if kind == "ignore" else -100)
+    kw = dict(reduction=reduction, label_smoothing=smoothing)
+    if kind == "ignore":
+        kw["ignore_index"] = 2
+        target = target.clamp(min=0)  # -100 placeholders become class 0 ...
+        target.view(-1)[::3] = 2  # ... and every third target is the ignored class 2
+    if weighted:
+        kw["weight"] = torch.rand(n_classes, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) + 0.5
+    loss, dx = _run(fastsoftmax.cross_entropy, x, target, **kw)
+    ref_loss, ref_dx = _run(TF.cross_entropy, x, target, **kw)
+    assert loss.shape == ref_loss.shape
+    assert_close(loss, ref_loss)
+    assert_close(dx, ref_dx)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_dtypes(dtype, reduction):
+    x = randn(64, 300, dtype=dtype, seed=4)
+    target = _targets((64, 300), "index")
+    loss, dx = _run(fastsoftmax.cross_entropy, x, target, reduction=reduction)
+    ref_loss, ref_dx = _run(TF.cross_entropy, x.double(), target, reduction=reduction)
+    assert loss.dtype == dtype and dx.dtype == dtype
+    assert_close(loss, ref_loss, dtype)
+    assert_close(dx, ref_dx, dtype)
+
+
+def test_unit_grad_output_fast_path_and_retain_graph():
+    x = randn(40, 77, dtype=torch.float64, seed=5).requires_grad_()
+    target = _targets((40, 77), "index")
+    loss = fastsoftmax.cross_entropy(x, target)
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    loss.backward()  # a second backward through the same graph accumulates the same gradient
+    assert_close(x.grad, 2 * first)
+    x64 = x.detach().requires_grad_()
+    TF.cross_entropy(x64, target).backward()
+    assert_close(first, x64.grad)
+
+
+def test_uint8_targets_and_non_contiguous_logits():
+    x = randn(12, 10, dtype=torch.float64, seed=6).t()  # (10, 12) view with strides (1, 10)
+    assert not x.is_contiguous()
+    target = torch.randint(0, 12, (10,)).to(torch.uint8)
+    assert_close(fastsoftmax.cross_entropy(x, target), TF.cross_entropy(x, target))
+
+
+def test_all_ignored_is_nan_for_mean_and_zero_for_sum():
+    x = randn(4, 6, dtype=torch.float64).requires_grad_()
+    t = torch.full((4,), -100)
+    assert torch.isnan(fastsoftmax.cross_entropy(x, t))
+    loss = fastsoftmax.cross_entropy(x, t, reduction="sum")
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_empty_batch():
+    x = torch.empty(0, 5, requires_grad=True)
+    t = torch.empty(0, dtype=torch.long)
+    assert torch.isnan(fastsoftmax.cross_entropy(x, t)) and torch.isnan(TF.cross_entropy(x, t))
+    loss = fastsoftmax.cross_entropy(x, t, reduction="sum")
+    loss.backward()
+    assert loss.item() == 0.0 and x.grad.shape == (0, 5)
+    assert fastsoftmax.cross_entropy(x, t, reduction="none").shape == (0,)
+
+
+def test_no_grad_path_computes_no_gradient():
+    x = randn(8, 9)
+    t = _targets((8, 9), "index")
+    with torch.no_grad():
+        assert_close(fastsoftmax.cross_entropy(x, t), TF.cross_entropy(x.double(), t), torch.float32)
+
+
+def test_module_matches_torch_module_and_state_dict():
+    w = torch.rand(10, dtype=torch.float64) + 0.1
+    ours = fastsoftmax.nn.CrossEntropyLoss(weight=w, ignore_index=3, label_smoothing=0.1, reduction="sum")
+    ref = torch.nn.CrossEntropyLoss(weight=w, ignore_index=3, label_smoothing=0.1, reduction="sum")
+    assert repr(ours) == repr(ref)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    x = randn(20, 10, dtype=torch.float64)
+    t = _targets((20, 10), "index")
+    assert_close(ours(x, t), ref(x, t))
+
+
+def test_legacy_size_average_and_reduce():
+    x = randn(6, 4, dtype=torch.float64)
+    t = _targets((6, 4), "index")
+    for size_average, reduce in [(False, None), (None, False), (True, True)]:
+        assert_close(
+            fastsoftmax.cross_entropy(x, t, size_average=size_average, reduce=reduce),
+            TF.cross_entropy(x, t, size_average=size_average, reduce=reduce),
+        )
+
+
+X = torch.randn(4, 5)
+BAD_INPUTS = [
+    ((X, torch.tensor([0, 1, 2, 5])), IndexError, r"target 5 at position 3 is out of bounds"),
+    ((X, torch.tensor([0, -1, 2, 3])), IndexError, r"target -1 at position 1 is out of bounds"),
+    ((X, torch.tensor([0, 1, 2])), ValueError, r"must have shape \(4,\)"),
+    ((X, torch.tensor([[0], [1], [2], [3]])), ValueError, r"must have shape \(4,\)"),
+    ((X, torch.tensor([0, 1, 2, 3], dtype=torch.int32)), TypeError, "int64"),
+    ((X, torch.tensor([True, False, True, True])), TypeError, "int64"),
+    ((X, torch.rand(4, 6)), ValueError, "probability targets must have the input's shape"),
+    ((X, torch.zeros(4, 5, dtype=torch.long)), TypeError, "must be floating point"),
+    ((X.long(), torch.tensor([0, 1, 2, 3])), TypeError, "floating-point"),
+    ((X.bool(), torch.tensor([0, 1, 2, 3])), TypeError, "floating-point"),
+    ((torch.tensor(1.0), torch.tensor(0)), ValueError, "class dimension"),
+    ((torch.empty(4, 0), torch.tensor([0, 0, 0, 0])), ValueError, "no classes"),
+]
+
+
+@pytest.mark.parametrize("args,error,match", BAD_INPUTS, ids=[m for _, _, m in BAD_INPUTS])
+def test_bad_input_raises_clear_error(args, error, match):
+    with pytest.raises(error, match=match):
+        fastsoftmax.cross_entropy(*args)
+
+
+@pytest.mark.parametrize(
+    "kw,error,match",
+    [
+        (dict(weight=torch.ones(3)), ValueError, r"weight must have shape \(5,\)"),
+        (dict(weight=torch.ones(5, dtype=torch.long)), TypeError, "weight must be a floating-point"),
+        (dict(reduction="avg"), ValueError, "reduction must be one of"),
+        (dict(label_smoothing=1.5), ValueError, r"label_smoothing must be in \[0, 1\]"),
+        (dict(label_smoothing=-0.1), ValueError, r"label_smoothing must be in \[0, 1\]"),
+    ],
+)
+def test_bad_options_raise_clear_error(kw, error, match):
+    with pytest.raises(error, match=match):
+        fastsoftmax.cross_entropy(X, torch.tensor([0, 1, 2, 3]), **kw)

@@ -1,0 +1,145 @@
+"""The precision and overflow suite: every op at the extremes, against float64.
+
+Each case also shows the textbook version (fastsoftmax.naive) failing on the
+same input where ours is exact.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as TF
+from conftest import FLOAT_DTYPES, assert_close, randn
+
+import fastsoftmax
+from fastsoftmax import naive
+from fastsoftmax.kernels.rowmath import vexp
+from numba import njit
+
+F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _reference(op, x, dim=1):
+    ref = TF.softmax if op is fastsoftmax.softmax else TF.log_softmax
+    return ref(x.double(), dim)
+
+
+EXTREME_ROWS = {
+    "logits of 100": lambda: randn(8, 50, dtype=torch.float32) + 100.0,
+    "logits of 1e30": lambda: randn(8, 50, dtype=torch.float32) * 1e30,
+    "logits of 3e38": lambda: torch.tensor([[3e38, -3e38, 1e38, 0.0, F32_MAX]], dtype=torch.float32),
+    "every logit below -100": lambda: randn(8, 50, dtype=torch.float32) - 200.0,
+    "every logit below -1e4": lambda: randn(8, 50, dtype=torch.float32) * 10 - 1e4,
+}
+
+
+@pytest.mark.parametrize("op", [fastsoftmax.softmax, fastsoftmax.log_softmax], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("case", list(EXTREME_ROWS))
+def test_extreme_logits_are_exact_and_naive_fails(op, case):
+    x = EXTREME_ROWS[case]()
+    y = op(x, 1)
+    ref = _reference(op, x)
+    # finite wherever the exact result is representable (log_softmax of -3e38
+    # next to 3.4e38 is -6.4e38: -inf in float32, in torch as in float64 rounding)
+    representable = ref.abs() <= F32_MAX
+    assert torch.isfinite(y[representable]).all()
+    assert_close(y, ref.to(torch.float32).double())
+    naive_op = naive.softmax if op is fastsoftmax.softmax else naive.log_softmax
+    assert not torch.isfinite(naive_op(x)).all(), "the textbook version should overflow or underflow here"
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_cross_entropy_at_scale_1e4(dtype):
+    x = randn(64, 100, dtype=torch.float64, scale=1e4).to(dtype)
+    t = torch.randint(0, 100, (64,))
+    xg = x.detach().requires_grad_()
+    loss = fastsoftmax.cross_entropy(xg, t)
+    loss.backward()
+    x64 = x.double().requires_grad_()
+    ref = TF.cross_entropy(x64, t)
+    ref.backward()
+    assert torch.isfinite(loss) and torch.isfinite(xg.grad).all()
+    assert_close(loss, ref, dtype)
+    assert_close(xg.grad, x64.grad, dtype)
+    naive_loss = naive.cross_entropy_loss(x.float(), t)
+    assert not torch.isfinite(naive_loss), "the textbook loss should give inf or NaN here"
+
+
+def test_cross_entropy_never_takes_log_of_zero():
+    # the true class is 200 below the max: its probability underflows float32,
+    # yet the loss (about 200) is finite and exact
+    x = torch.zeros(4, 10)
+    x[:, 0] = 100.0
+    x[:, 1] = -100.0
+    t = torch.full((4,), 1)
+    loss = fastsoftmax.cross_entropy(x, t)
+    assert_close(loss, TF.cross_entropy(x.double(), t), torch.float32)
+    assert torch.isinf(naive.cross_entropy_loss(x, t))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_minus_inf_masks_give_zero_probability_and_finite_gradients(dtype):
+    x = randn(16, 40, dtype=dtype)
+    x[:, ::3] = float("-inf")
+    xs = x.detach().requires_grad_()
+    y = fastsoftmax.softmax(xs, 1)
+    assert (y[:, ::3] == 0).all()
+    assert_close(y, TF.softmax(x.double(), 1), dtype)
+    y.backward(randn(16, 40, dtype=dtype))
+    assert torch.isfinite(xs.grad).all() and (xs.grad[:, ::3] == 0).all()
+    lp = fastsoftmax.log_softmax(x, 1)
+    assert torch.isneginf(lp[:, ::3]).all() and torch.isfinite(lp[:, 1::3]).all()
+    # cross-entropy with masked classes, targets on unmasked ones
+    xc = x.detach().requires_grad_()
+    t = torch.randint(0, 13, (16,)) * 3 + 1
+    loss = fastsoftmax.cross_entropy(xc, t)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(xc.grad).all() and (xc.grad[:, ::3] == 0).all()
+
+
+@pytest.mark.parametrize("op", [fastsoftmax.softmax, fastsoftmax.log_softmax], ids=["softmax", "log_softmax"])
+def test_nan_stays_in_its_row(op):
+    x = randn(5, 33, dtype=torch.float32)
+    x[2, 7] = float("nan")
+    y = op(x, 1)
+    assert torch.isnan(y[2]).all()
+    mask = torch.arange(5) != 2
+    assert torch.isfinite(y[mask]).all()
+    assert_close(y[mask], _reference(op, x[mask]))
+
+
+def test_nan_logit_stays_in_its_cross_entropy_row():
+    x = randn(5, 8).requires_grad_()
+    with torch.no_grad():
+        x[3, 1] = float("nan")
+    loss = fastsoftmax.cross_entropy(x, torch.arange(5), reduction="none")
+    assert torch.isnan(loss[3]) and torch.isfinite(loss[[0, 1, 2, 4]]).all()
+    loss.sum().backward()
+    assert torch.isnan(x.grad[3]).all() and torch.isfinite(x.grad[[0, 1, 2, 4]]).all()
+
+
+def test_rows_of_only_minus_inf_or_plus_inf_match_torch():
+    x = torch.tensor([[float("-inf")] * 4, [float("inf"), 0.0, 1.0, 2.0], [0.0, 1.0, 2.0, 3.0]])
+    torch.testing.assert_close(fastsoftmax.softmax(x, 1), torch.softmax(x, 1), equal_nan=True)
+    torch.testing.assert_close(fastsoftmax.log_softmax(x, 1), torch.log_softmax(x, 1), equal_nan=True)
+
+
+@pytest.mark.parametrize("np_dtype,max_ulp", [(np.float32, 1.0), (np.float64, 1.0)])
+def test_vectorised_exp_is_within_one_ulp(np_dtype, max_ulp):
+    # the whole argument range whose result is a normal number
+    tiny = np.finfo(np_dtype).tiny
+    lo, hi = float(np.log(tiny)) + 0.01, float(np.log(np.finfo(np_dtype).max)) - 0.01
+    z = np.concatenate([np.linspace(lo, hi, 200_001), np.random.default_rng(0).uniform(-1, 1, 100_000)]).astype(np_dtype)
+
+    @njit
+    def apply(z):
+        out = np.empty_like(z)
+        for i in range(z.size):
+            out[i] = vexp(z[i])
+        return out
+
+    got = apply(z)
+    exact = np.exp(z.astype(np.longdouble))
+    ulp = np.abs(got.astype(np.longdouble) - exact) / np.spacing(exact.astype(np_dtype)).astype(np.longdouble)
+    assert float(ulp.max()) <= max_ulp
+    special = apply(np.array([np.nan, -np.inf, np.inf, 0.0, -1e4], dtype=np_dtype))
+    assert np.isnan(special[0]) and special[1] == 0 and special[2] == np.inf and special[3] == 1 and special[4] == 0

@@ -1,0 +1,140 @@
+"""softmax and log_softmax against torch in float64, forward and backward."""
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from conftest import FLOAT_DTYPES, assert_close, randn
+
+import fastsoftmax
+from fastsoftmax.kernels import config
+
+OPS = [(fastsoftmax.softmax, TF.softmax), (fastsoftmax.log_softmax, TF.log_softmax)]
+OP_IDS = ["softmax", "log_softmax"]
+
+SHAPES = [
+    ((7, 1), 1),  # one column: max is the element, probability exactly 1
+    ((5, 13), 1),  # odd width: all scalar loop remainders
+    ((64, 1000), 1),  # non power of two, vector body + remainder
+    ((3, 40000), -1),  # wide rows, parallel path, row larger than L1
+    ((4, 5, 6), 1),  # 3-D, middle dim: moved to last and back
+    ((2, 3, 4, 5), 0),  # 4-D, first dim
+    ((2, 3, 4, 5), -1),  # 4-D, last dim
+    ((11,), 0),  # 1-D
+    ((), 0),  # 0-d: softmax of a scalar is 1
+    ((0, 9), 1),  # empty batch
+    ((9, 0), 1),  # empty reduced dim
+]
+
+
+@pytest.mark.parametrize("op,ref", OPS, ids=OP_IDS)
+@pytest.mark.parametrize("shape,dim", SHAPES, ids=[str(s) for s in SHAPES])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_forward_backward_against_float64(op, ref, shape, dim, dtype):
+    x = randn(*shape, dtype=dtype).requires_grad_()
+    y = op(x, dim)
+    assert y.dtype == dtype and y.shape == x.shape
+    x64 = x.detach().double().requires_grad_()
+    y64 = ref(x64, dim)
+    assert_close(y, y64, dtype)
+    dy = randn(*shape, dtype=dtype)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    if dtype in (torch.float16, torch.bfloat16):
+        # The backward receives the forward output rounded to half precision
+        # (as torch's does); the reference applies the float64 formula to it.
+        dx64 = _backward_formula(op, y.detach().double(), dy.double(), dim)
+    else:
+        (dx64,) = torch.autograd.grad(y64, x64, dy.double())
+    assert dx.dtype == dtype
+    assert_close(dx, dx64, dtype)
+
+
+def _backward_formula(op, y, dy, dim):
+    if y.ndim == 0:
+        return torch.zeros_like(y)
+    if op is fastsoftmax.softmax:
+        return y * (dy - (dy * y).sum(dim, keepdim=True))
+    return dy - y.exp() * dy.sum(dim, keepdim=True)
+
+
+@pytest.mark.parametrize("op,ref", OPS, ids=OP_IDS)
+def test_non_contiguous_input(op, ref):
+    base = randn(40, 30, dtype=torch.float64)
+    for x in (base.t(), base[::2, 1::3], base.unsqueeze(0).expand(3, 40, 30)):
+        assert not x.is_contiguous()
+        for dim in range(x.ndim):
+            assert_close(op(x, dim), ref(x, dim))
+
+
+@pytest.mark.parametrize("op,ref", OPS, ids=OP_IDS)
+def test_dtype_argument_casts_first(op, ref):
+    x = randn(6, 50, dtype=torch.float32)
+    y = op(x, 1, dtype=torch.float64)
+    assert y.dtype == torch.float64
+    assert_close(y, ref(x.double(), 1))
+
+
+@pytest.mark.parametrize("op,ref", OPS, ids=OP_IDS)
+def test_implicit_dim_warns_and_matches_torch(op, ref):
+    for shape in [(5,), (4, 6), (2, 3, 4), (2, 3, 4, 5)]:
+        x = randn(*shape, dtype=torch.float64)
+        with pytest.warns(UserWarning, match="Implicit dimension"):
+            y = op(x)
+        with pytest.warns(UserWarning):
+            assert_close(y, ref(x))
+
+
+@pytest.mark.parametrize("op", [fastsoftmax.softmax, fastsoftmax.log_softmax], ids=OP_IDS)
+def test_serial_and_parallel_kernels_agree(op, monkeypatch):
+    x = randn(300, 257, dtype=torch.float32)
+    monkeypatch.setattr(config, "CPU_PARALLEL_MIN_ELEMENTS", 1 << 62)
+    serial = op(x, 1)
+    monkeypatch.setattr(config, "CPU_PARALLEL_MIN_ELEMENTS", 0)
+    parallel = op(x, 1)
+    torch.testing.assert_close(serial, parallel, rtol=0, atol=0)
+
+
+def test_softmax_rows_sum_to_one_and_shift_invariant():
+    x = randn(128, 777, dtype=torch.float32)
+    y = fastsoftmax.softmax(x, 1)
+    torch.testing.assert_close(y.double().sum(1), torch.ones(128, dtype=torch.float64), rtol=0, atol=1e-6)
+    torch.testing.assert_close(fastsoftmax.softmax(x + 1000.0, 1), y, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda: fastsoftmax.softmax(torch.arange(6).reshape(2, 3), 1), TypeError, "floating-point"),
+        (lambda: fastsoftmax.softmax(torch.ones(2, 3, dtype=torch.bool), 1), TypeError, "floating-point"),
+        (lambda: fastsoftmax.softmax(torch.ones(2, 3, dtype=torch.complex64), 1), TypeError, "floating-point"),
+        (lambda: fastsoftmax.softmax(torch.ones(2, 3), 2), IndexError, "dim 2 is out of range"),
+        (lambda: fastsoftmax.log_softmax(torch.ones(2, 3), -3), IndexError, "out of range"),
+        (lambda: fastsoftmax.softmax([1.0, 2.0], 0), TypeError, "torch.Tensor"),
+        (lambda: fastsoftmax.softmax(torch.ones(2, 3, device="meta"), 1), ValueError, "device"),
+    ],
+)
+def test_bad_input_raises_clear_error(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_modules_match_torch_modules():
+    x = randn(4, 9, dtype=torch.float64)
+    assert repr(fastsoftmax.nn.Softmax(dim=1)) == repr(torch.nn.Softmax(dim=1))
+    assert_close(fastsoftmax.nn.Softmax(dim=1)(x), torch.nn.Softmax(dim=1)(x))
+    assert_close(fastsoftmax.nn.LogSoftmax(dim=0)(x), torch.nn.LogSoftmax(dim=0)(x))
+
+
+def test_large_output_comes_from_pool_and_is_reused():
+    from fastsoftmax import _pool
+
+    x = randn(512, 1024, dtype=torch.float32)  # 2 MiB: above POOL_MIN_BYTES
+    y1 = fastsoftmax.softmax(x, 1)
+    ptr = y1.data_ptr()
+    y2 = fastsoftmax.softmax(x, 1)
+    assert y2.data_ptr() != ptr, "a live output must never be handed out again"
+    expected = y1.clone()
+    del y1
+    y3 = fastsoftmax.softmax(x * 2, 1)
+    assert y3.data_ptr() == ptr, "a freed output should be reused"
+    torch.testing.assert_close(y2, expected, rtol=0, atol=0)
+    assert _pool.cached_bytes() >= 2 * x.numel() * 4
