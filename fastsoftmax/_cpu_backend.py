@@ -3,13 +3,18 @@
 Every function takes C-contiguous 2-D tensors ``(R, C)`` already in the
 compute dtype, as prepared by :mod:`fastsoftmax._host`, and writes into the
 outputs it is given. ``tensor.numpy()`` shares memory, so nothing is copied.
+
+Work is split into :data:`config.CPU_CHUNKS_PER_THREAD` chunks per thread,
+scheduled dynamically: on a shared or virtual machine one descheduled thread
+then delays the op by one chunk rather than by half of it.
 """
 
+import numba
 import numpy as np
 import torch
 
 from . import _pool
-from .kernels import cpu
+from .kernels import config, cpu
 
 empty = _pool.empty
 
@@ -26,14 +31,46 @@ def _weight(weight, like: np.ndarray) -> np.ndarray:
     return _np(weight)
 
 
+def _launch(kernel, n_rows: int, n_cols: int, *args, items_per_chunk: int = 1) -> None:
+    """Run the serial twin of ``kernel`` on small inputs, else the parallel one, dynamically scheduled.
+
+    ``items_per_chunk``: how many iterations of the kernel's parallel loop
+    make one chunk (1 for kernels whose loop is already over chunks of rows).
+    """
+    if n_rows * n_cols < config.CPU_PARALLEL_MIN_ELEMENTS:
+        return kernel[False](*args)
+    previous = numba.set_parallel_chunksize(items_per_chunk)
+    try:
+        kernel[True](*args)
+    finally:
+        numba.set_parallel_chunksize(previous)
+
+
+def _row_chunk(n_rows: int) -> int:
+    return max(1, n_rows // (numba.get_num_threads() * config.CPU_CHUNKS_PER_THREAD))
+
+
+def _scratch(out) -> np.ndarray:
+    """The chunks of rows of a forward kernel: one scratch row each when ``out`` is too large for the cache.
+
+    The kernels build each row in its chunk's scratch row and stream it to
+    ``out`` with non-temporal stores (see :func:`kernels.cpu._softmax_forward`).
+    """
+    n_rows, n_cols = out.shape
+    big = n_rows * n_cols >= config.CPU_PARALLEL_MIN_ELEMENTS
+    chunks = min(n_rows, numba.get_num_threads() * config.CPU_CHUNKS_PER_THREAD) if big else 1
+    stream = out.numel() * out.element_size() >= config.CPU_STREAM_MIN_BYTES
+    return np.empty((max(chunks, 1), n_cols if stream else 0), dtype=_np(out).dtype)
+
+
 def softmax_forward(x, y, log: bool) -> None:
     kernel = cpu.log_softmax_forward if log else cpu.softmax_forward
-    cpu.pick(kernel, x.numel())(_np(x), _np(y))
+    _launch(kernel, *x.shape, _np(x), _np(y), _scratch(y))
 
 
 def softmax_backward(y, dy, dx, log: bool) -> None:
     kernel = cpu.log_softmax_backward if log else cpu.softmax_backward
-    cpu.pick(kernel, y.numel())(_np(y), _np(dy), _np(dx))
+    _launch(kernel, *y.shape, _np(y), _np(dy), _np(dx), items_per_chunk=_row_chunk(y.shape[0]))
 
 
 def check_targets(target, n_classes: int, ignore_index: int, weight, like):
@@ -44,24 +81,19 @@ def check_targets(target, n_classes: int, ignore_index: int, weight, like):
 
 def cross_entropy_index(x, target, weight, ignore_index, eps, scale, loss, grad) -> None:
     xn = _np(x)
-    cpu.pick(cpu.cross_entropy_index, x.numel())(
-        xn, _np(target), _weight(weight, xn), ignore_index, eps, scale, _np(loss), _np(grad)
-    )
+    args = (xn, _np(target), _weight(weight, xn), ignore_index, eps, scale, _np(loss), _np(grad), _scratch(x))
+    _launch(cpu.cross_entropy_index, *x.shape, *args)
 
 
 def cross_entropy_prob(x, q, weight, eps, scale, loss, grad) -> None:
     xn = _np(x)
-    cpu.pick(cpu.cross_entropy_prob, x.numel())(xn, _np(q), _weight(weight, xn), eps, scale, _np(loss), _np(grad))
+    args = (xn, _np(q), _weight(weight, xn), eps, scale, _np(loss), _np(grad), _scratch(x))
+    _launch(cpu.cross_entropy_prob, *x.shape, *args)
 
 
 def scale_rows(src, factor, out) -> None:
-    cpu.pick(cpu.scale_rows, src.numel())(_np(src), _np(factor), _np(out))
+    _launch(cpu.scale_rows, *src.shape, _np(src), _np(factor), _np(out), items_per_chunk=_row_chunk(src.shape[0]))
 
 
 def copy(src, out) -> None:
     np.copyto(_np(out), _np(src))
-
-
-def is_one(t) -> bool:
-    """Whether a one-element tensor is exactly 1 (the grad_output of ``loss.backward()``)."""
-    return t.item() == 1.0

@@ -161,6 +161,11 @@ def cross_entropy_forward(input, target, weight, ignore_index, reduction, label_
     return loss, grad
 
 
+def is_unit(grad_output: torch.Tensor) -> bool:
+    """Whether grad_output is a single element equal to 1 (CPU only: on CUDA that would sync)."""
+    return grad_output.numel() == 1 and not grad_output.is_cuda and grad_output.item() == 1.0
+
+
 def cross_entropy_backward(grad: torch.Tensor, grad_output: torch.Tensor, input_dtype: torch.dtype) -> torch.Tensor:
     """``grad * grad_output``, broadcast over the class dimension.
 
@@ -176,7 +181,7 @@ def cross_entropy_backward(grad: torch.Tensor, grad_output: torch.Tensor, input_
     out = be.empty(gr.shape, gr.dtype)
     o2 = out.view(-1, n_classes)
     if g2.numel():
-        if grad_output.numel() == 1 and be.is_one(grad_output):
+        if is_unit(grad_output):
             be.copy(g2, o2)
         else:
             factor = grad_output.to(torch.float64).reshape(-1).expand(g2.shape[0]).contiguous()

@@ -57,6 +57,13 @@ class CrossEntropyFunction(torch.autograd.Function):
     probability targets, weights and label smoothing folded into ``a``) in
     the same pass over the logits; the backward only multiplies it by
     grad_output.
+
+    For a grad_output of exactly 1 (``loss.backward()`` on a reduced loss)
+    the backward returns the saved gradient itself, no copy: unless the graph
+    is retained, autograd releases its saved tensors before the gradient
+    reaches ``AccumulateGrad``, which then takes the tensor over as ``.grad``
+    instead of cloning it. With ``retain_graph=True`` it is cloned (correct,
+    one copy slower).
     """
 
     @staticmethod
@@ -66,10 +73,12 @@ class CrossEntropyFunction(torch.autograd.Function):
             input, target, weight, ignore_index, reduction, label_smoothing, compute_grad
         )
         ctx.input_dtype = input.dtype
-        ctx.grad = grad
+        ctx.save_for_backward(grad)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad = _host.cross_entropy_backward(ctx.grad, grad_output, ctx.input_dtype)
-        return grad, None, None, None, None, None
+        (grad,) = ctx.saved_tensors
+        if grad.dtype == ctx.input_dtype and _host.is_unit(grad_output):
+            return grad, None, None, None, None, None
+        return _host.cross_entropy_backward(grad, grad_output, ctx.input_dtype), None, None, None, None, None

@@ -45,3 +45,71 @@ def pow2i(typingctx, n):
         return builder.bitcast(i, fty)
 
     return n(n), codegen
+
+
+@intrinsic
+def stream_vector(typingctx, dst, src, j, scale):
+    """``dst[j:j+W] = src[j:j+W] * scale`` as one 32-byte non-temporal store (``W = 32 / itemsize``).
+
+    A non-temporal store writes the line to memory without first reading it
+    into the cache (no read-for-ownership), so a large output costs one pass
+    over memory instead of two. ``dst[j:]`` must be 32-byte aligned and
+    ``W`` elements long; ``dst`` and ``src`` 1-D contiguous of one float dtype.
+    """
+    if not (isinstance(dst, types.Array) and dst == src and dst.ndim == 1 and dst.dtype in (types.float32, types.float64)):
+        return None
+    if scale != dst.dtype:
+        return None
+
+    def codegen(context, builder, sig, args):
+        dst_ty, src_ty, _, _ = sig.args
+        elem = context.get_value_type(dst_ty.dtype)
+        width = 32 // context.get_abi_sizeof(elem)
+        vec_ptr = ir.PointerType(ir.VectorType(elem, width))
+        d = context.make_array(dst_ty)(context, builder, args[0])
+        s = context.make_array(src_ty)(context, builder, args[1])
+        src_ptr = builder.bitcast(builder.gep(s.data, [args[2]]), vec_ptr)
+        dst_ptr = builder.bitcast(builder.gep(d.data, [args[2]]), vec_ptr)
+        value = builder.load(src_ptr, align=context.get_abi_sizeof(elem))
+        splat = builder.insert_element(ir.Constant(ir.VectorType(elem, width), None), args[3], ir.Constant(ir.IntType(32), 0))
+        splat = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width))
+        value = builder.fmul(value, splat)
+        store = builder.store(value, dst_ptr, align=32)
+        store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        return context.get_dummy_value()
+
+    return types.none(dst, src, j, scale), codegen
+
+
+@intrinsic
+def store_fence(typingctx):
+    """A full memory fence: makes the non-temporal stores before it visible to other threads."""
+
+    def codegen(context, builder, sig, args):
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+@intrinsic
+def prefetch(typingctx, arr, j):
+    """Hint the cache to fetch the line holding ``arr[j]`` (``llvm.prefetch``, read, keep in L2).
+
+    The kernels prefetch the next row while computing on the current one, so
+    that the memory read of a row overlaps the arithmetic of the row before.
+    """
+    if not (isinstance(arr, types.Array) and arr.ndim == 1):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = builder.bitcast(builder.gep(a.data, [args[1]]), ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        fn = builder.module.declare_intrinsic(
+            "llvm.prefetch", [ptr.type], ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+        )
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(arr, j), codegen

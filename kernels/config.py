@@ -14,6 +14,21 @@ FASTMATH_EXACT = frozenset({"nsz", "contract"})
 #: waking the thread pool costs more than the work.
 CPU_PARALLEL_MIN_ELEMENTS = 1 << 15
 
+#: Parallel CPU kernels split their rows into this many chunks per thread,
+#: scheduled dynamically, so that a thread the OS (or a hypervisor) stalls
+#: delays the op by one small chunk, not by a whole static share.
+CPU_CHUNKS_PER_THREAD = 4
+
+#: While computing row i the CPU kernels prefetch row i + this. Measured on
+#: the 2-core EPYC at 8192x32000 float32: 161 ms with no prefetch, 114 ms one
+#: row ahead, 104 ms two rows ahead. Read when the kernels are compiled.
+CPU_PREFETCH_ROWS = 2
+
+#: Outputs of at least this many bytes are written with non-temporal stores
+#: (no read of the destination into the cache first). Below it the output
+#: fits the last-level cache, where the next op will look for it.
+CPU_STREAM_MIN_BYTES = 32 << 20
+
 #: Outputs of at least this many bytes come from the buffer pool
 #: (:mod:`fastsoftmax._pool`); smaller ones from ``torch.empty``.
 POOL_MIN_BYTES = 1 << 20
