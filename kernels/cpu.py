@@ -60,7 +60,7 @@ def _twins(fn):
 _BLOCK = 256
 
 
-@njit(**_OPTIONS)
+@njit(inline="always", **_OPTIONS)
 def _row_max(xr):
     m = xr[0]
     for j in range(1, xr.shape[0]):
@@ -73,7 +73,7 @@ def _row_max(xr):
 _LINE = 16
 
 
-@njit(**_OPTIONS)
+@njit(inline="always", **_OPTIONS)
 def _exp_sum(xr, m, out, ahead):
     """``sum_j exp(x_j - m)`` in float64; each ``exp`` also stored in ``out`` if it is non-empty.
 
@@ -99,7 +99,7 @@ def _exp_sum(xr, m, out, ahead):
     return total
 
 
-@njit(**_OPTIONS)
+@njit(inline="always", **_OPTIONS)
 def _dot(a, b):
     """``sum_j a_j * b_j`` in float64 (``b`` empty: ``sum_j a_j``)."""
     n = a.shape[0]
@@ -117,7 +117,7 @@ def _dot(a, b):
     return total
 
 
-@njit(**_OPTIONS)
+@njit(inline="always", **_OPTIONS)
 def _gap_dot(xr, m, w):
     """``sum_j w_j * (m - x_j)`` in float64 (``w`` empty: all ones)."""
     n = xr.shape[0]
@@ -138,7 +138,7 @@ def _gap_dot(xr, m, w):
 _AHEAD = config.CPU_PREFETCH_ROWS
 
 
-@njit(**_OPTIONS)
+@njit(inline="always", **_OPTIONS)
 def _next_row(x, i):
     """The row to prefetch while row ``i`` is computed, or an empty row past the end."""
     return x[i + _AHEAD] if i + _AHEAD < x.shape[0] else x[i, :0]
@@ -160,7 +160,7 @@ def _stream_row(dst, src, scale):
         dst[k] = src[k] * scale
 
 
-@njit(**_OPTIONS)
+@njit(inline="always", **_OPTIONS)
 def _rows_of(chunk, n_chunks, n_rows):
     """The rows ``[lo, hi)`` of one of ``n_chunks`` equal chunks."""
     return chunk * n_rows // n_chunks, (chunk + 1) * n_rows // n_chunks
