@@ -16,7 +16,17 @@ import torch
 from . import _pool
 from .kernels import config, cpu
 
-empty = _pool.empty
+#: The CPU kernels compute in float32 or float64: half-precision inputs are
+#: converted to float32 first and results converted back.
+_COMPUTE = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float32, torch.float64: torch.float64}
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return _COMPUTE[dtype]
+
+
+def empty(shape, dtype: torch.dtype, device=None) -> torch.Tensor:
+    return _pool.empty(shape, dtype)
 
 _NO_WEIGHT = {np.float32: np.empty(0, np.float32), np.float64: np.empty(0, np.float64)}
 
@@ -73,22 +83,36 @@ def softmax_backward(y, dy, dx, log: bool) -> None:
     _launch(kernel, *y.shape, _np(y), _np(dy), _np(dx), items_per_chunk=_row_chunk(y.shape[0]))
 
 
-def check_targets(target, n_classes: int, ignore_index: int, weight, like):
-    """(first bad position or -1, total weight of kept rows, kept rows)."""
-    w = _weight(weight, _np(like)) if weight is not None else _NO_WEIGHT[np.float64]
-    return cpu.check_targets(_np(target), n_classes, ignore_index, w)
+def _scale(denom: float, reduction: str) -> float:
+    """The factor the reduction puts on each row's gradient."""
+    if reduction != "mean":
+        return 1.0
+    return 1.0 / denom if denom else 0.0
 
 
-def cross_entropy_index(x, target, weight, ignore_index, eps, scale, loss, grad) -> None:
+def cross_entropy_index(x, target, weight, ignore_index, eps, reduction, loss, grad) -> float:
+    """Checks the targets, runs the fused kernel, returns the mean's denominator (total kept weight)."""
     xn = _np(x)
-    args = (xn, _np(target), _weight(weight, xn), ignore_index, eps, scale, _np(loss), _np(grad), _scratch(x))
-    _launch(cpu.cross_entropy_index, *x.shape, *args)
+    tn = _np(target)
+    w = _weight(weight, xn)
+    bad, denom, _ = cpu.check_targets(tn, x.shape[1], ignore_index, w)
+    if bad >= 0:
+        from ._host import raise_bad_target
+
+        raise_bad_target(int(tn[bad]), bad, x.shape[1], ignore_index)
+    if x.shape[0]:
+        args = (xn, tn, w, ignore_index, eps, _scale(denom, reduction), _np(loss), _np(grad), _scratch(x))
+        _launch(cpu.cross_entropy_index, *x.shape, *args)
+    return denom
 
 
-def cross_entropy_prob(x, q, weight, eps, scale, loss, grad) -> None:
-    xn = _np(x)
-    args = (xn, _np(q), _weight(weight, xn), eps, scale, _np(loss), _np(grad), _scratch(x))
-    _launch(cpu.cross_entropy_prob, *x.shape, *args)
+def cross_entropy_prob(x, q, weight, eps, reduction, loss, grad) -> float:
+    denom = float(x.shape[0])
+    if x.shape[0]:
+        xn = _np(x)
+        args = (xn, _np(q), _weight(weight, xn), eps, _scale(denom, reduction), _np(loss), _np(grad), _scratch(x))
+        _launch(cpu.cross_entropy_prob, *x.shape, *args)
+    return denom
 
 
 def scale_rows(src, factor, out) -> None:

@@ -6,14 +6,8 @@ argument and what was wrong with it.
 
 import torch
 
-#: dtype the kernels compute in, by input dtype. Half-precision inputs are
-#: computed in float32 and returned in their own dtype.
-COMPUTE_DTYPE = {
-    torch.float16: torch.float32,
-    torch.bfloat16: torch.float32,
-    torch.float32: torch.float32,
-    torch.float64: torch.float64,
-}
+#: The dtypes the ops accept (each backend says what it computes them in).
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -21,7 +15,7 @@ REDUCTIONS = ("none", "mean", "sum")
 def check_logits(x: torch.Tensor, name: str = "input") -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"fastsoftmax: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in COMPUTE_DTYPE:
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"fastsoftmax: {name} must be a floating-point tensor "
             f"(float16, bfloat16, float32 or float64), got dtype {x.dtype}"

@@ -12,7 +12,6 @@ so no second copy is made.
 import torch
 
 from . import _cpu_backend
-from ._dispatch import COMPUTE_DTYPE
 
 
 def backend(x: torch.Tensor):
@@ -36,11 +35,17 @@ def moved_shape(shape, dim: int) -> list:
     return shape
 
 
-def empty_moved(x: torch.Tensor, dim: int, dtype: torch.dtype, allocate=None) -> torch.Tensor:
-    """An uninitialised tensor shaped like ``x``, its ``dim`` stored last."""
-    shape = moved_shape(x.shape, dim)
-    out = allocate(shape, dtype) if allocate else torch.empty(shape, dtype=dtype, device=x.device)
+def empty_moved(x: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor shaped like ``x``, its ``dim`` stored last (for the fake ops)."""
+    out = torch.empty(moved_shape(x.shape, dim), dtype=dtype, device=x.device)
     return out.movedim(-1, dim) if dim != x.ndim - 1 else out
+
+
+def raise_bad_target(value: int, position: int, n_classes: int, ignore_index: int):
+    raise IndexError(
+        f"fastsoftmax: target {value} at position {position} is out of bounds: "
+        f"expected a class index in [0, {n_classes - 1}] or ignore_index={ignore_index}"
+    )
 
 
 # --- softmax and log_softmax -------------------------------------------------
@@ -50,10 +55,10 @@ def softmax_forward(x: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
     """softmax (or log_softmax) of ``x`` along ``dim``; ``dim`` already in range."""
     if x.ndim == 0:
         return softmax_forward(x.reshape(1), 0, log).reshape(())
-    compute = COMPUTE_DTYPE[x.dtype]
     be = backend(x)
+    compute = be.compute_dtype(x.dtype)
     xr = rows_last(x, dim, compute)
-    y = be.empty(xr.shape, compute)
+    y = be.empty(xr.shape, compute, x.device)
     if xr.numel():
         n_cols = xr.shape[-1]
         be.softmax_forward(xr.view(-1, n_cols), y.view(-1, n_cols), log)
@@ -66,11 +71,11 @@ def softmax_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, log: bool) -> 
     """Gradient of :func:`softmax_forward` from its output ``y``."""
     if y.ndim == 0:
         return softmax_backward(y.reshape(1), dy.reshape(1), 0, log).reshape(())
-    compute = COMPUTE_DTYPE[y.dtype]
     be = backend(y)
+    compute = be.compute_dtype(y.dtype)
     yr = rows_last(y, dim, compute)
     dyr = rows_last(dy, dim, compute)
-    dx = be.empty(yr.shape, compute)
+    dx = be.empty(yr.shape, compute, y.device)
     if yr.numel():
         n_cols = yr.shape[-1]
         be.softmax_backward(yr.view(-1, n_cols), dyr.view(-1, n_cols), dx.view(-1, n_cols), log)
@@ -103,7 +108,7 @@ def ce_loss_shape(input: torch.Tensor, reduction: str) -> list:
 
 
 def ce_grad_fake(input: torch.Tensor, compute_grad: bool) -> torch.Tensor:
-    compute = COMPUTE_DTYPE[input.dtype]
+    compute = backend(input).compute_dtype(input.dtype)
     if not compute_grad:
         return input.new_empty((0,), dtype=compute)
     return empty_moved(input, 0 if input.ndim == 1 else 1, compute)
@@ -113,11 +118,12 @@ def cross_entropy_forward(input, target, weight, ignore_index, reduction, label_
     """Loss (reduced) and, if ``compute_grad``, d(loss)/d(input) for a unit grad_output.
 
     Arguments are already validated by :func:`fastsoftmax.functional.cross_entropy`
-    except the target values, which are checked here in one pass before the
-    main kernel runs.
+    except the target values, which the backend checks before its kernel runs.
+    The gradient is returned in the compute dtype (float32 for half inputs on
+    the CPU), laid out like ``input``.
     """
     be = backend(input)
-    compute = COMPUTE_DTYPE[input.dtype]
+    compute = be.compute_dtype(input.dtype)
     squeeze = input.ndim == 1
     if squeeze:
         input, target = input.unsqueeze(0), target.unsqueeze(0)
@@ -126,34 +132,24 @@ def cross_entropy_forward(input, target, weight, ignore_index, reduction, label_
     x2 = xr.view(-1, n_classes)
     n_rows = x2.shape[0]
     w = weight.to(compute).contiguous() if weight is not None else None
-    loss_rows = be.empty((n_rows,), torch.float64)
-    grad = be.empty((n_rows if compute_grad else 0, n_classes), compute)
+    loss_rows = be.empty((n_rows,), torch.float64, input.device)
+    grad = be.empty((n_rows if compute_grad else 0, n_classes), compute, input.device)
     if is_prob_target(input, target):
         q = rows_last(target, 1, compute).view(-1, n_classes)
-        denom = float(n_rows)
-        scale = 1.0 if reduction != "mean" else (1.0 / denom if n_rows else 0.0)
-        if n_rows:
-            be.cross_entropy_prob(x2, q, w, label_smoothing, scale, loss_rows, grad)
+        denom = be.cross_entropy_prob(x2, q, w, label_smoothing, reduction, loss_rows, grad)
+        loss_shape = target.shape[:1] + target.shape[2:]
     else:
         t = target.reshape(-1).to(torch.int64)
-        bad, denom, _ = be.check_targets(t, n_classes, ignore_index, w, x2)
-        if bad >= 0:
-            value = int(t[bad])
-            raise IndexError(
-                f"fastsoftmax: target {value} at position {bad} is out of bounds: "
-                f"expected a class index in [0, {n_classes - 1}] or ignore_index={ignore_index}"
-            )
-        scale = 1.0 if reduction != "mean" else (1.0 / denom if denom else 0.0)
-        if n_rows:
-            be.cross_entropy_index(x2, t, w, ignore_index, label_smoothing, scale, loss_rows, grad)
+        denom = be.cross_entropy_index(x2, t, w, ignore_index, label_smoothing, reduction, loss_rows, grad)
+        loss_shape = target.shape
     if reduction == "none":
-        loss = loss_rows.view(target.shape[:1] + target.shape[2:] if target.shape == input.shape else target.shape)
+        loss = loss_rows.view(loss_shape)
         if squeeze:
             loss = loss.reshape(())
     elif reduction == "sum":
         loss = loss_rows.sum()
     else:
-        loss = loss_rows.sum() / denom if denom else torch.tensor(float("nan"), dtype=torch.float64)
+        loss = loss_rows.sum() / denom  # 0 / 0 = NaN when every target is ignored, as in torch
     loss = loss.to(input.dtype)
     if compute_grad:
         grad = grad.view(xr.shape)
@@ -178,7 +174,7 @@ def cross_entropy_backward(grad: torch.Tensor, grad_output: torch.Tensor, input_
     gr = gr.contiguous()
     n_classes = gr.shape[-1]
     g2 = gr.view(-1, n_classes)
-    out = be.empty(gr.shape, gr.dtype)
+    out = be.empty(gr.shape, gr.dtype, grad.device)
     o2 = out.view(-1, n_classes)
     if g2.numel():
         if is_unit(grad_output):

@@ -49,6 +49,13 @@ CUDA_WARP_ROW_MAX_COLS = 1024
 #: (one read of the input); longer rows use the online two-pass path.
 CUDA_BLOCK_ROW_MAX_COLS = 16384
 
+#: Check class-index targets on CUDA before the kernel runs, raising
+#: IndexError for one out of range. This is the only host synchronisation of
+#: the CUDA path; it is skipped while a CUDA graph is being captured. With it
+#: off, a bad target gives a NaN loss and NaN gradient row, never an
+#: out-of-bounds read.
+CUDA_CHECK_TARGETS = True
+
 #: Use warp shuffles for reductions (hardware). The CUDA simulator has no
 #: shuffles, so the simulator tests set this to False to run the
 #: shared-memory reduction path instead.

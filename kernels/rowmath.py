@@ -31,13 +31,18 @@ from ._llvm import pow2i
 def online_update(m, s, x):
     """Fold ``x`` into the running pair ``(m, s)``.
 
-    ``m' = max(m, x)``, ``s' = s * exp(m - m') + exp(x - m')``. Starting from
-    ``(-inf, 0)``; a NaN ``x`` makes ``s`` NaN, as it must.
+    ``m' = max(m, x)``, ``s' = s * exp(m - m') + exp(x - m')``, starting from
+    ``(-inf, 0)``. The special values follow the two-pass form
+    ``exp(x - max(x))`` exactly, as PyTorch computes it: ``-inf`` adds nothing
+    (not ``exp(-inf - -inf)``), while a NaN, or a ``+inf`` (``inf - inf``),
+    makes ``s`` NaN.
     """
     if x > m:
         s = s * math.exp(m - x) + 1.0
         m = x
-    else:
+        if x == math.inf:
+            s = math.nan
+    elif x != -math.inf:
         s = s + math.exp(x - m)
     return m, s
 

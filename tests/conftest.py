@@ -40,8 +40,8 @@ def poison_outputs(monkeypatch):
     """Every output buffer starts as NaN, so an element a kernel forgets to write fails the test."""
     real_empty = cpu_backend.empty
 
-    def poisoned(shape, dtype):
-        out = real_empty(shape, dtype)
+    def poisoned(shape, dtype, device=None):
+        out = real_empty(shape, dtype, device)
         if out.is_floating_point():
             out.fill_(float("nan"))
         return out
