@@ -1,7 +1,9 @@
-"""The ``fastsoftmax`` command line: ``demo`` (more subcommands register themselves below)."""
+"""The ``fastsoftmax`` command line: ``train``, ``precision``, ``demo``."""
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 
 def _demo(args) -> int:
@@ -25,9 +27,62 @@ def _demo(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from . import data, model
+
+    try:
+        dataset = data.load(args.dataset, args.data_dir)
+    except data.DataError as error:
+        print(f"fastsoftmax train: {error}", file=sys.stderr)
+        return 2
+    config = model.TrainConfig(
+        dataset=args.dataset,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        loss=args.loss,
+        device=args.device,
+        seed=args.seed,
+    )
+    print(
+        f"softmax regression on {dataset.name}: {len(dataset.train_labels)} train / {len(dataset.test_labels)} test "
+        f"images of {dataset.n_inputs} inputs, loss={args.loss}, lr={args.lr}, batch={args.batch_size}"
+    )
+    trained, metrics = model.train(dataset, config)
+    out = Path(args.out)
+    model.write_outputs(trained, dataset, metrics, out)
+    print(f"wrote {out / 'metrics.json'}, {out / 'curves.png'}, {out / 'mistakes.png'}")
+    return 0
+
+
+def _precision(args) -> int:
+    from . import precision
+
+    result = precision.report()
+    print(json.dumps(result, indent=2) if args.json else precision.format_table(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastsoftmax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train the book's softmax regression (naive, torch or fused loss)")
+    train.add_argument("--dataset", choices=["fashion-mnist", "digits"], default="fashion-mnist")
+    train.add_argument("--data-dir", default=None, help="a folder holding the four Fashion-MNIST IDX files")
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--lr", type=float, default=0.1)
+    train.add_argument("--batch-size", type=int, default=256)
+    train.add_argument("--loss", choices=["fused", "torch", "naive"], default="fused")
+    train.add_argument("--device", default="cpu")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", default="out", help="folder for metrics.json, curves.png, mistakes.png")
+    train.set_defaults(run=_train)
+
+    prec = sub.add_parser("precision", help="the book's overflow exercises: naive vs ours per dtype, exp limits")
+    prec.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    prec.set_defaults(run=_precision)
+
     sub.add_parser("demo", help="the textbook loss overflowing next to ours").set_defaults(run=_demo)
     return parser
 
