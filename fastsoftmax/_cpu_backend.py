@@ -29,6 +29,7 @@ def empty(shape, dtype: torch.dtype, device=None) -> torch.Tensor:
     return _pool.empty(shape, dtype)
 
 _NO_WEIGHT = {np.float32: np.empty(0, np.float32), np.float64: np.empty(0, np.float64)}
+_SERIAL = {torch.float32: np.empty((1, 0), np.float32), torch.float64: np.empty((1, 0), np.float64)}
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -67,10 +68,11 @@ def _scratch(out) -> np.ndarray:
     ``out`` with non-temporal stores (see :func:`kernels.cpu._softmax_forward`).
     """
     n_rows, n_cols = out.shape
-    big = n_rows * n_cols >= config.CPU_PARALLEL_MIN_ELEMENTS
-    chunks = min(n_rows, numba.get_num_threads() * config.CPU_CHUNKS_PER_THREAD) if big else 1
+    if n_rows * n_cols < config.CPU_PARALLEL_MIN_ELEMENTS:
+        return _SERIAL[out.dtype]  # one chunk, nothing streamed
+    chunks = min(n_rows, numba.get_num_threads() * config.CPU_CHUNKS_PER_THREAD)
     stream = out.numel() * out.element_size() >= config.CPU_STREAM_MIN_BYTES
-    return np.empty((max(chunks, 1), n_cols if stream else 0), dtype=_np(out).dtype)
+    return np.empty((chunks, n_cols if stream else 0), dtype=_np(out).dtype)
 
 
 def softmax_forward(x, y, log: bool) -> None:

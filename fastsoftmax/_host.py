@@ -23,10 +23,21 @@ def backend(x: torch.Tensor):
 
 
 def rows_last(x: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` with ``dim`` moved last, contiguous, in ``dtype``."""
+    """``x`` with ``dim`` moved last, contiguous, in ``dtype`` (each step skipped when it would change nothing)."""
     if dim != x.ndim - 1:
         x = x.movedim(dim, -1)
-    return x.to(dtype).contiguous()
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """The ``(R, C)`` view of a contiguous tensor whose last dim is the reduced one."""
+    return x if x.ndim == 2 else x.view(-1, x.shape[-1])
+
+
+def to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def moved_shape(shape, dim: int) -> list:
@@ -60,11 +71,10 @@ def softmax_forward(x: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
     xr = rows_last(x, dim, compute)
     y = be.empty(xr.shape, compute, x.device)
     if xr.numel():
-        n_cols = xr.shape[-1]
-        be.softmax_forward(xr.view(-1, n_cols), y.view(-1, n_cols), log)
+        be.softmax_forward(as_rows(xr), as_rows(y), log)
     if dim != x.ndim - 1:
         y = y.movedim(-1, dim)
-    return y.to(x.dtype)
+    return to_dtype(y, x.dtype)
 
 
 def softmax_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
@@ -77,11 +87,10 @@ def softmax_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, log: bool) -> 
     dyr = rows_last(dy, dim, compute)
     dx = be.empty(yr.shape, compute, y.device)
     if yr.numel():
-        n_cols = yr.shape[-1]
-        be.softmax_backward(yr.view(-1, n_cols), dyr.view(-1, n_cols), dx.view(-1, n_cols), log)
+        be.softmax_backward(as_rows(yr), as_rows(dyr), as_rows(dx), log)
     if dim != y.ndim - 1:
         dx = dx.movedim(-1, dim)
-    return dx.to(y.dtype)
+    return to_dtype(dx, y.dtype)
 
 
 def softmax_fake(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -129,17 +138,17 @@ def cross_entropy_forward(input, target, weight, ignore_index, reduction, label_
         input, target = input.unsqueeze(0), target.unsqueeze(0)
     n_classes = input.shape[1]
     xr = rows_last(input, 1, compute)
-    x2 = xr.view(-1, n_classes)
+    x2 = as_rows(xr)
     n_rows = x2.shape[0]
-    w = weight.to(compute).contiguous() if weight is not None else None
+    w = rows_last(weight, 0, compute) if weight is not None else None
     loss_rows = be.empty((n_rows,), torch.float64, input.device)
     grad = be.empty((n_rows if compute_grad else 0, n_classes), compute, input.device)
     if is_prob_target(input, target):
-        q = rows_last(target, 1, compute).view(-1, n_classes)
+        q = as_rows(rows_last(target, 1, compute))
         denom = be.cross_entropy_prob(x2, q, w, label_smoothing, reduction, loss_rows, grad)
         loss_shape = target.shape[:1] + target.shape[2:]
     else:
-        t = target.reshape(-1).to(torch.int64)
+        t = to_dtype(target.reshape(-1), torch.int64)
         denom = be.cross_entropy_index(x2, t, w, ignore_index, label_smoothing, reduction, loss_rows, grad)
         loss_shape = target.shape
     if reduction == "none":
@@ -150,7 +159,7 @@ def cross_entropy_forward(input, target, weight, ignore_index, reduction, label_
         loss = loss_rows.sum()
     else:
         loss = loss_rows.sum() / denom  # 0 / 0 = NaN when every target is ignored, as in torch
-    loss = loss.to(input.dtype)
+    loss = to_dtype(loss, input.dtype)
     if compute_grad:
         grad = grad.view(xr.shape)
         grad = grad.squeeze(0) if squeeze else grad.movedim(-1, 1)
@@ -183,4 +192,4 @@ def cross_entropy_backward(grad: torch.Tensor, grad_output: torch.Tensor, input_
             factor = grad_output.to(torch.float64).reshape(-1).expand(g2.shape[0]).contiguous()
             be.scale_rows(g2, factor, o2)
     out = out.squeeze(0) if squeeze else out.movedim(-1, 1)
-    return out.to(input_dtype)
+    return to_dtype(out, input_dtype)

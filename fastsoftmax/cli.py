@@ -1,4 +1,4 @@
-"""The ``fastsoftmax`` command line: ``train``, ``precision``, ``demo``."""
+"""The ``fastsoftmax`` command line: ``train``, ``precision``, ``bench``, ``demo``."""
 
 import argparse
 import json
@@ -63,6 +63,12 @@ def _precision(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from . import bench
+
+    return bench.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastsoftmax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     prec = sub.add_parser("precision", help="the book's overflow exercises: naive vs ours per dtype, exp limits")
     prec.add_argument("--json", action="store_true", help="print JSON instead of a table")
     prec.set_defaults(run=_precision)
+
+    bench = sub.add_parser("bench", help="naive vs torch vs torch.compile vs fastsoftmax: time, GB/s, memory")
+    bench.add_argument("--quick", action="store_true", help="two small shapes, five repeats (under a minute)")
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--repeats", type=int, default=None)
+    bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    bench.add_argument("--out", default="bench-out", help="folder for results.json, bandwidth.png, speedup.png")
+    bench.set_defaults(run=_bench)
 
     sub.add_parser("demo", help="the textbook loss overflowing next to ours").set_defaults(run=_demo)
     return parser

@@ -87,6 +87,17 @@ def _codec(dtype: str):
 # --- reductions over a group of threads (a warp or the whole block) ------------
 
 
+@_device
+def _add(a, b):
+    return a + b
+
+
+@_device
+def _max(a, b):
+    # NaN-ignoring, like the CPU's maxnum: a NaN reaches the result through the sum instead
+    return b if b > a else a
+
+
 @lru_cache(maxsize=None)
 def _reducers(group: int, threads: int, use_shuffle: bool):
     """Device functions reducing over each ``group`` of consecutive threads of a block.
@@ -96,66 +107,77 @@ def _reducers(group: int, threads: int, use_shuffle: bool):
     ``threads`` elements. Every thread of the block must call them (they
     synchronise the block).
     """
-    n_warps = threads // _WARP
-
     if not use_shuffle:
-        # shared-memory tree over each group: runs in the CUDA simulator
+        return _tree(_max, group), _tree(_add, group), _tree_lse(group)
+    if group == _WARP:
+        return _warp(_max), _warp(_add), _warp_lse()
+    n_warps = threads // _WARP
+    return _block(_max, n_warps), _block(_add, n_warps), _block_lse(n_warps)
 
-        @_device
-        def lse_(m, s, sm_m, sm_s):
-            tid = cuda.threadIdx.x
-            lane = tid % group
-            cuda.syncthreads()
-            sm_m[tid] = m
-            sm_s[tid] = s
-            cuda.syncthreads()
-            stride = group // 2
-            while stride > 0:
-                if lane < stride:
-                    a, b = _lse_merge(sm_m[tid], sm_s[tid], sm_m[tid + stride], sm_s[tid + stride])
-                    sm_m[tid] = a
-                    sm_s[tid] = b
-                cuda.syncthreads()
-                stride //= 2
-            base = tid - lane
-            return sm_m[base], sm_s[base]
 
-        @_device
-        def sum_(v, sm):
-            tid = cuda.threadIdx.x
-            lane = tid % group
-            cuda.syncthreads()
-            sm[tid] = v
-            cuda.syncthreads()
-            stride = group // 2
-            while stride > 0:
-                if lane < stride:
-                    sm[tid] += sm[tid + stride]
-                cuda.syncthreads()
-                stride //= 2
-            return sm[tid - lane]
+# shared-memory trees over each group: no shuffles, so the CUDA simulator runs them
 
-        @_device
-        def max_(v, sm):
-            tid = cuda.threadIdx.x
-            lane = tid % group
-            cuda.syncthreads()
-            sm[tid] = v
-            cuda.syncthreads()
-            stride = group // 2
-            while stride > 0:
-                if lane < stride:
-                    other = sm[tid + stride]
-                    if other > sm[tid]:
-                        sm[tid] = other
-                cuda.syncthreads()
-                stride //= 2
-            return sm[tid - lane]
 
-        return max_, sum_, lse_
-
+def _tree(combine, group):
     @_device
-    def warp_lse(m, s):
+    def reduce(v, sm):
+        tid = cuda.threadIdx.x
+        lane = tid % group
+        cuda.syncthreads()
+        sm[tid] = v
+        cuda.syncthreads()
+        stride = group // 2
+        while stride > 0:
+            if lane < stride:
+                sm[tid] = combine(sm[tid], sm[tid + stride])
+            cuda.syncthreads()
+            stride //= 2
+        return sm[tid - lane]
+
+    return reduce
+
+
+def _tree_lse(group):
+    @_device
+    def reduce(m, s, sm_m, sm_s):
+        tid = cuda.threadIdx.x
+        lane = tid % group
+        cuda.syncthreads()
+        sm_m[tid] = m
+        sm_s[tid] = s
+        cuda.syncthreads()
+        stride = group // 2
+        while stride > 0:
+            if lane < stride:
+                a, b = _lse_merge(sm_m[tid], sm_s[tid], sm_m[tid + stride], sm_s[tid + stride])
+                sm_m[tid] = a
+                sm_s[tid] = b
+            cuda.syncthreads()
+            stride //= 2
+        base = tid - lane
+        return sm_m[base], sm_s[base]
+
+    return reduce
+
+
+# warp shuffles (hardware): a butterfly leaves the result in every lane
+
+
+def _warp(combine):
+    @_device
+    def reduce(v, sm):
+        offset = _WARP // 2
+        while offset > 0:
+            v = combine(v, cuda.shfl_xor_sync(_FULL_MASK, v, offset))
+            offset //= 2
+        return v
+
+    return reduce
+
+
+def _warp_lse():
+    @_device
+    def reduce(m, s, sm_m, sm_s):
         offset = _WARP // 2
         while offset > 0:
             m2 = cuda.shfl_xor_sync(_FULL_MASK, m, offset)
@@ -164,45 +186,39 @@ def _reducers(group: int, threads: int, use_shuffle: bool):
             offset //= 2
         return m, s
 
-    @_device
-    def warp_sum(v):
-        offset = _WARP // 2
-        while offset > 0:
-            v += cuda.shfl_xor_sync(_FULL_MASK, v, offset)
-            offset //= 2
-        return v
+    return reduce
+
+
+# a whole block: shuffles inside each warp, then every thread combines the
+# warps' results from shared memory
+
+
+def _block(combine, n_warps):
+    in_warp = _warp(combine)
 
     @_device
-    def warp_max(v):
-        offset = _WARP // 2
-        while offset > 0:
-            other = cuda.shfl_xor_sync(_FULL_MASK, v, offset)
-            v = other if other > v else v
-            offset //= 2
-        return v
-
-    if group == _WARP:
-
-        @_device
-        def lse_(m, s, sm_m, sm_s):
-            return warp_lse(m, s)
-
-        @_device
-        def sum_(v, sm):
-            return warp_sum(v)
-
-        @_device
-        def max_(v, sm):
-            return warp_max(v)
-
-        return max_, sum_, lse_
-
-    # a whole block: shuffles inside each warp, then every thread merges the
-    # n_warps partial results from shared memory
-    @_device
-    def lse_(m, s, sm_m, sm_s):
+    def reduce(v, sm):
         tid = cuda.threadIdx.x
-        m, s = warp_lse(m, s)
+        v = in_warp(v, sm)
+        cuda.syncthreads()
+        if tid % _WARP == 0:
+            sm[tid // _WARP] = v
+        cuda.syncthreads()
+        v = sm[0]
+        for w in range(1, n_warps):
+            v = combine(v, sm[w])
+        return v
+
+    return reduce
+
+
+def _block_lse(n_warps):
+    in_warp = _warp_lse()
+
+    @_device
+    def reduce(m, s, sm_m, sm_s):
+        tid = cuda.threadIdx.x
+        m, s = in_warp(m, s, sm_m, sm_s)
         cuda.syncthreads()
         if tid % _WARP == 0:
             sm_m[tid // _WARP] = m
@@ -214,34 +230,7 @@ def _reducers(group: int, threads: int, use_shuffle: bool):
             m, s = _lse_merge(m, s, sm_m[w], sm_s[w])
         return m, s
 
-    @_device
-    def sum_(v, sm):
-        tid = cuda.threadIdx.x
-        v = warp_sum(v)
-        cuda.syncthreads()
-        if tid % _WARP == 0:
-            sm[tid // _WARP] = v
-        cuda.syncthreads()
-        total = sm[0]
-        for w in range(1, n_warps):
-            total += sm[w]
-        return total
-
-    @_device
-    def max_(v, sm):
-        tid = cuda.threadIdx.x
-        v = warp_max(v)
-        cuda.syncthreads()
-        if tid % _WARP == 0:
-            sm[tid // _WARP] = v
-        cuda.syncthreads()
-        m = sm[0]
-        for w in range(1, n_warps):
-            other = sm[w]
-            m = other if other > m else m
-        return m
-
-    return max_, sum_, lse_
+    return reduce
 
 
 # --- launch plans --------------------------------------------------------------

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as TF
-from conftest import assert_close, randn
+from helpers import assert_close, randn
 
 import fastsoftmax
 from fastsoftmax import _ops

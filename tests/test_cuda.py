@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as TF
-from conftest import FLOAT_DTYPES, assert_close, randn
+from helpers import FLOAT_DTYPES, assert_close, randn
 
 import fastsoftmax
 

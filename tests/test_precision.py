@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
-from conftest import FLOAT_DTYPES, assert_close, randn
+from helpers import FLOAT_DTYPES, assert_close, randn
 
 import fastsoftmax
 from fastsoftmax import naive

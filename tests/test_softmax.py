@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as TF
-from conftest import FLOAT_DTYPES, assert_close, randn
+from helpers import FLOAT_DTYPES, assert_close, randn
 
 import fastsoftmax
 from fastsoftmax.kernels import config

@@ -1,0 +1,34 @@
+"""The benchmark matrix of fastsoftmax.bench as pytest-benchmark tests.
+
+The default test run passes ``--benchmark-disable`` (pyproject.toml): every
+benchmark then runs once, as a test, on the small shapes only. With
+``--benchmark-enable`` the whole matrix runs, grouped so that each group
+compares the providers on one op and shape:
+
+    .venv/bin/python -m pytest benchmarks --benchmark-enable --benchmark-json=out.json
+"""
+
+import torch
+
+from fastsoftmax import bench
+
+# shapes run when benchmarks are only checked, not timed
+CHECK_SHAPES = ((256, 10), (512, 1000))
+
+
+def pytest_generate_tests(metafunc):
+    if "case_spec" not in metafunc.fixturenames:
+        return
+    timing = not metafunc.config.getoption("benchmark_disable")
+    specs = []
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        shapes = (bench.GPU_SHAPES if device == "cuda" else bench.CPU_SHAPES) if timing else CHECK_SHAPES
+        dtypes = [torch.float32] + ([torch.bfloat16, torch.float16] if device == "cuda" and timing else [])
+        for dtype in dtypes:
+            for shape in shapes:
+                for op in bench.OPS:
+                    for provider in bench.PROVIDERS:
+                        specs.append((op, shape, dtype, device, provider))
+    ids = [f"{op}-{r}x{c}-{str(dt).removeprefix('torch.')}-{dev}-{p}" for op, (r, c), dt, dev, p in specs]
+    metafunc.parametrize("case_spec", specs, ids=ids)

@@ -1,0 +1,50 @@
+"""The benchmark engine on a tiny matrix: rows, ratios, byte counts, plots."""
+
+import pytest
+import torch
+
+from fastsoftmax import bench
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_reports_consistent_rows_and_plots(tmp_path):
+    providers = ("naive", "torch", "fastsoftmax")
+    results = bench.run([(8, 16)], providers=providers, repeats=3, memory=True, log=lambda *_: None)
+    rows = results["rows"]
+    assert len(rows) == len(bench.OPS) * len(providers)
+    for op in bench.OPS:
+        by_provider = {r["provider"]: r for r in rows if r["op"] == op}
+        assert set(by_provider) == set(providers)
+        for r in by_provider.values():
+            assert r["bytes"] == bench.BYTES_PER_ELEMENT[op] * 8 * 16 * 4
+            assert r["gbps"] == pytest.approx(r["bytes"] / r["median_s"] / 1e9)
+            assert r["fraction_of_copy"] == pytest.approx(r["gbps"] / r["copy_gbps"])
+            assert len(r["times_s"]) == 3 and r["peak_bytes"] >= 0
+            for other, ratio in r["speedup_over"].items():
+                assert ratio == pytest.approx(by_provider[other]["median_s"] / r["median_s"])
+    assert "torch" in results["machine"] and results["machine"]["cores"] >= 1
+    bench.plot(results, tmp_path)
+    for png in ("bandwidth.png", "speedup.png"):
+        assert (tmp_path / png).read_bytes().startswith(PNG_MAGIC)
+    assert "vs torch" in bench.format_rows([r for r in rows if r["op"] == "softmax_fwd"])
+
+
+@pytest.mark.parametrize("op", bench.OPS)
+def test_every_provider_computes_the_same_thing(op):
+    # the providers must agree, or the benchmark compares different work
+    case = bench.make_case(op, 16, 33, torch.float64, providers=bench.PROVIDERS[:2] + ("fastsoftmax",))
+    if op.endswith("fwd"):
+        outs = {p: call() for p, call in case.calls.items()}
+        torch.testing.assert_close(outs["fastsoftmax"], outs["torch"])
+        torch.testing.assert_close(outs["naive"], outs["torch"])
+    else:
+        for call in case.calls.values():
+            assert call() is None  # fwd+bwd calls run and clear the gradient
+
+
+def test_unknown_op_and_provider():
+    with pytest.raises(ValueError, match="unknown op"):
+        bench.make_case("softmin", 2, 2)
+    with pytest.raises(ValueError, match="unknown provider"):
+        bench.make_case("softmax_fwd", 2, 2, providers=("jax",))
