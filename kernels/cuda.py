@@ -233,6 +233,18 @@ def _block_lse(n_warps):
     return reduce
 
 
+@_device
+def _my_row(group, n_rows):
+    """``(lane, row, active)`` of this thread: its lane in its group of ``group``
+    threads, the row its group handles (64-bit; row 0 for the idle groups past
+    the last row, which still join the block's reductions), and whether that
+    row exists."""
+    tid = cuda.threadIdx.x
+    row = int64(cuda.blockIdx.x) * (cuda.blockDim.x // group) + tid // group
+    active = row < n_rows
+    return tid % group, (row if active else int64(0)), active
+
+
 # --- launch plans --------------------------------------------------------------
 
 
@@ -257,16 +269,11 @@ def softmax_forward(dtype: str, log: bool, group: int, threads: int, items: int,
     """Kernel ``(x, y)``: ``y = softmax(x)`` (``log``: ``log_softmax``) along the last axis of 2-D arrays."""
     load, store, acc = _codec(dtype)
     max_, sum_, lse_ = _reducers(group, threads, use_shuffle)
-    rows_per_block = threads // group
     neg_inf = -math.inf
 
     def kernel(x, y):
         n_rows, n_cols = x.shape
-        tid = cuda.threadIdx.x
-        lane = tid % group
-        row = int64(cuda.blockIdx.x) * rows_per_block + tid // group
-        active = row < n_rows
-        r = row if active else int64(0)
+        lane, r, active = _my_row(group, n_rows)
         sm_a = cuda.shared.array(threads, acc)
         sm_b = cuda.shared.array(threads, acc)
         if n_cols <= group * items:
@@ -322,15 +329,10 @@ def softmax_backward(dtype: str, log: bool, group: int, threads: int, items: int
     """Kernel ``(y, dy, dx)``: ``dx = y * (dy - sum(dy * y))`` (``log``: ``dx = dy - exp(y) * sum(dy)``)."""
     load, store, acc = _codec(dtype)
     _, sum_, _ = _reducers(group, threads, use_shuffle)
-    rows_per_block = threads // group
 
     def kernel(y, dy, dx):
         n_rows, n_cols = y.shape
-        tid = cuda.threadIdx.x
-        lane = tid % group
-        row = int64(cuda.blockIdx.x) * rows_per_block + tid // group
-        active = row < n_rows
-        r = row if active else int64(0)
+        lane, r, active = _my_row(group, n_rows)
         sm = cuda.shared.array(threads, acc)
         t = acc(0.0)
         for j in range(lane, n_cols, group):
@@ -367,17 +369,12 @@ def cross_entropy_index(dtype: str, group: int, threads: int, items: int, use_sh
     """
     load, store, acc = _codec(dtype)
     _, sum_, lse_ = _reducers(group, threads, use_shuffle)
-    rows_per_block = threads // group
     neg_inf = -math.inf
     nan = math.nan
 
     def kernel(x, target, weight, has_w, ignore_index, eps, scale, loss, grad, want_grad):
         n_rows, n_cols = x.shape
-        tid = cuda.threadIdx.x
-        lane = tid % group
-        row = int64(cuda.blockIdx.x) * rows_per_block + tid // group
-        active = row < n_rows
-        r = row if active else int64(0)
+        lane, r, active = _my_row(group, n_rows)
         sm_a = cuda.shared.array(threads, acc)
         sm_b = cuda.shared.array(threads, acc)
         t = target[r]
@@ -452,16 +449,11 @@ def cross_entropy_prob(dtype: str, group: int, threads: int, use_shuffle: bool):
     """
     load, store, acc = _codec(dtype)
     _, sum_, lse_ = _reducers(group, threads, use_shuffle)
-    rows_per_block = threads // group
     neg_inf = -math.inf
 
     def kernel(x, q, weight, has_w, eps, scale, loss, grad, want_grad):
         n_rows, n_cols = x.shape
-        tid = cuda.threadIdx.x
-        lane = tid % group
-        row = int64(cuda.blockIdx.x) * rows_per_block + tid // group
-        active = row < n_rows
-        r = row if active else int64(0)
+        lane, r, active = _my_row(group, n_rows)
         sm_a = cuda.shared.array(threads, acc)
         sm_b = cuda.shared.array(threads, acc)
         m = acc(neg_inf)
