@@ -15,7 +15,6 @@ small inputs waking the thread pool costs more than the work (see
 import math
 from types import FunctionType
 
-import numpy as np
 from numba import njit, prange
 
 from . import config, rowmath
