@@ -6,9 +6,8 @@ understands, so the loops that call them still become SIMD code:
 * ``maxnum(a, b)``: ``llvm.maxnum``, the IEEE maxNum (a NaN operand is
   ignored). Unlike ``a if a > b else b`` it is recognised as a vectorisable
   max-reduction without the ``nnan`` flag, which we never set.
-* ``pow2i(n)``: ``2**n`` for an integral-valued float ``n`` in the normal
-  exponent range, built directly from the exponent bits (``ldexp`` without
-  the call).
+* ``pow2_from_shifted(t)``: ``2**n`` built directly from the exponent bits
+  (``ldexp`` without the call) of a float that carries ``n`` in its low bits.
 """
 
 from llvmlite import ir
@@ -30,21 +29,26 @@ def maxnum(typingctx, a, b):
 
 
 @intrinsic
-def pow2i(typingctx, n):
-    if n not in (types.float32, types.float64):
+def pow2_from_shifted(typingctx, t):
+    """``2**n`` from ``t = n + 1.5 * 2**m + bias`` (``m`` mantissa bits, ``bias`` the exponent bias).
+
+    Adding the shifter ``1.5 * 2**m + bias`` to a float rounds it to an integer
+    ``n`` and leaves ``n + bias`` in the low mantissa bits of ``t``; shifting
+    the bits of ``t`` left by ``m`` moves them into the exponent field, which
+    is ``2**n`` for ``-bias < n <= bias`` and 0.0 for ``n = -bias``.
+    """
+    if t not in (types.float32, types.float64):
         return None
 
     def codegen(context, builder, sig, args):
         if sig.return_type == types.float32:
-            ity, bias, shift, fty = ir.IntType(32), 127, 23, ir.FloatType()
+            ity, shift, fty = ir.IntType(32), 23, ir.FloatType()
         else:
-            ity, bias, shift, fty = ir.IntType(64), 1023, 52, ir.DoubleType()
-        i = builder.fptosi(args[0], ity)
-        i = builder.add(i, ir.Constant(ity, bias))
-        i = builder.shl(i, ir.Constant(ity, shift))
-        return builder.bitcast(i, fty)
+            ity, shift, fty = ir.IntType(64), 52, ir.DoubleType()
+        bits = builder.bitcast(args[0], ity)
+        return builder.bitcast(builder.shl(bits, ir.Constant(ity, shift)), fty)
 
-    return n(n), codegen
+    return t(t), codegen
 
 
 @intrinsic

@@ -19,10 +19,13 @@ CPU_PARALLEL_MIN_ELEMENTS = 1 << 15
 #: delays the op by one small chunk, not by a whole static share.
 CPU_CHUNKS_PER_THREAD = 4
 
-#: While computing row i the CPU kernels prefetch row i + this. Measured on
-#: the 2-core EPYC at 8192x32000 float32: 161 ms with no prefetch, 114 ms one
-#: row ahead, 104 ms two rows ahead. Read when the kernels are compiled.
-CPU_PREFETCH_ROWS = 2
+#: While computing row i the CPU kernels prefetch row i + this. One row
+#: ahead keeps the row being computed, the prefetched one and the scratch row
+#: (3 x 128 KiB at 32000 float32 columns) inside a 512 KiB L2; two rows ahead
+#: overflow it. Measured on the 2-core EPYC at 8192x32000 float32, medians of
+#: interleaved runs: one row ahead 116-122 ms, two rows 123-136 ms (none: about
+#: 160 ms). Read when the kernels are compiled.
+CPU_PREFETCH_ROWS = 1
 
 #: Outputs of at least this many bytes are written with non-temporal stores
 #: (no read of the destination into the cache first). Below it the output

@@ -25,7 +25,7 @@ from numba.extending import overload
 from numba.np.numpy_support import as_dtype
 
 from . import config
-from ._llvm import pow2i
+from ._llvm import pow2_from_shifted
 
 
 def online_update(m, s, x):
@@ -99,8 +99,12 @@ def vexp(x):
     ``|r| <= ln2/2`` (Cody-Waite, two-part ln2), a polynomial for ``exp(r)``
     (float32: degree 6, fitted for relative error, truncation 1.7e-8; float64:
     Taylor degree 13, truncation below 1e-17), then ``2**n`` from the exponent
-    bits. Results below the smallest normal number flush to zero; NaN stays
-    NaN, ``-inf`` gives 0 and ``+inf`` gives inf.
+    bits. ``n`` is rounded by adding a shifter constant (see
+    :func:`._llvm.pow2_from_shifted`), which also leaves the bits of ``2**n``
+    in place: no rounding or float-to-int instruction. Results below
+    ``2**-126`` (float64: ``2**-1022``) may lose bits, and those below about
+    ``exp(-88)`` (``exp(-709)``) are 0; NaN stays NaN, ``-inf`` gives 0 and
+    ``+inf`` gives inf.
     """
     return math.exp(x)
 
@@ -114,6 +118,7 @@ def vexp_nonpos(x):
     return math.exp(x)
 
 
+#: float32 exp(r) on |r| <= ln2/2, highest degree first.
 _F32_COEFFS = (
     0.0013843652559444308,
     0.00837415549904108,
@@ -124,59 +129,58 @@ _F32_COEFFS = (
     1.0,
 )
 
+#: float64: Taylor coefficients 1/k!, k = 13..0.
+_F64_COEFFS = tuple(1.0 / math.factorial(k) for k in range(13, -1, -1))
 
-def _exp32_factory(handle_overflow: bool):
-    f = np.float32
-    c6, c5, c4, c3, c2, c1, c0 = (f(c) for c in _F32_COEFFS)
 
-    def exp32(x):
+class _Format:
+    """The constants of the exp of one float format."""
+
+    def __init__(self, ftype, mantissa_bits, max_exponent, ln2_hi, ln2_lo, lowest, highest, coeffs):
+        f = self.type = ftype
+        self.log2e = f(1.4426950408889634)
+        # x * log2e + shifter rounds to the nearest integer n (the shifter's
+        # ulp is 1) and leaves n + max_exponent in the low mantissa bits
+        self.shifter = f(1.5 * 2.0**mantissa_bits + max_exponent)
+        self.ln2_hi, self.ln2_lo = f(ln2_hi), f(ln2_lo)
+        # below `lowest`, n = -max_exponent: 2**n has all-zero bits and exp
+        # flushes to 0; above `highest` exp overflows to inf
+        self.lowest, self.highest = f(lowest), f(highest)
+        self.max_exponent = f(max_exponent)
+        self.coeffs = tuple(f(c) for c in coeffs)
+
+
+_F32 = _Format(np.float32, 23, 127, 0.693359375, -2.12194440e-4, -88.0, 89.0, _F32_COEFFS)
+_F64 = _Format(np.float64, 52, 1023, 6.93147180369123816490e-01, 1.90821492927058770002e-10, -709.0, 710.0, _F64_COEFFS)
+
+
+def _exp_factory(fmt: _Format, handle_overflow: bool):
+    log2e, shifter, ln2_hi, ln2_lo = fmt.log2e, fmt.shifter, fmt.ln2_hi, fmt.ln2_lo
+    lowest, highest, max_exponent = fmt.lowest, fmt.highest, fmt.max_exponent
+    two = fmt.type(2.0)
+    one = fmt.type(1.0)
+    lead, coeffs = fmt.coeffs[0], fmt.coeffs[1:]
+
+    def exp(x):
         # the comparisons are written so that a NaN x falls through untouched
-        x = f(-104.0) if x < f(-104.0) else x
+        x = lowest if x < lowest else x
         if handle_overflow:
-            x = f(89.0) if x > f(89.0) else x
-        n = np.floor(x * f(1.44269504088896341) + f(0.5))
-        r = x - n * f(0.693359375)
-        r = r - n * f(-2.12194440e-4)
-        p = c6 * r + c5
-        p = p * r + c4
-        p = p * r + c3
-        p = p * r + c2
-        p = p * r + c1
-        p = p * r + c0
+            x = highest if x > highest else x
+        t = x * log2e + shifter
+        n = t - shifter
+        r = x - n * ln2_hi
+        r = r - n * ln2_lo
+        p = lead
+        for c in coeffs:  # Horner; a constant tuple, unrolled by LLVM
+            p = p * r + c
         if handle_overflow:
-            # 2**128 has no float32 exponent: borrow one factor of 2 from p
-            p = p * f(2.0) if n > f(127.0) else p
-            n = n - f(1.0) if n > f(127.0) else n
-        n = n if n > f(-127.0) else f(-127.0)  # 2**-127 -> bits 0 -> 0.0; NaN -> -127
-        return p * pow2i(n)
+            # 2**(max_exponent + 1) has no exponent bits: borrow a factor of 2 from p
+            big = n > max_exponent
+            p = p * two if big else p
+            t = t - one if big else t
+        return p * pow2_from_shifted(t)
 
-    return exp32
-
-
-def _exp64(x):
-    x = -746.0 if x < -746.0 else x
-    x = 710.0 if x > 710.0 else x
-    n = np.floor(x * 1.4426950408889634 + 0.5)
-    r = x - n * 6.93147180369123816490e-01
-    r = r - n * 1.90821492927058770002e-10
-    p = 1.0 / 6227020800.0
-    p = p * r + 1.0 / 479001600.0
-    p = p * r + 1.0 / 39916800.0
-    p = p * r + 1.0 / 3628800.0
-    p = p * r + 1.0 / 362880.0
-    p = p * r + 1.0 / 40320.0
-    p = p * r + 1.0 / 5040.0
-    p = p * r + 1.0 / 720.0
-    p = p * r + 1.0 / 120.0
-    p = p * r + 1.0 / 24.0
-    p = p * r + 1.0 / 6.0
-    p = p * r + 0.5
-    p = p * r + 1.0
-    p = p * r + 1.0
-    p = p * 2.0 if n > 1023.0 else p
-    n = n - 1.0 if n > 1023.0 else n
-    n = n if n > -1023.0 else -1023.0
-    return p * pow2i(n)
+    return exp
 
 
 _EXP_OPTIONS = dict(jit_options={"fastmath": set(config.FASTMATH_EXACT)}, inline="never")
@@ -185,18 +189,18 @@ _EXP_OPTIONS = dict(jit_options={"fastmath": set(config.FASTMATH_EXACT)}, inline
 @overload(vexp, **_EXP_OPTIONS)
 def _vexp_impl(x):
     if x == types.float32:
-        return _exp32_factory(handle_overflow=True)
+        return _exp_factory(_F32, handle_overflow=True)
     if x == types.float64:
-        return _exp64
+        return _exp_factory(_F64, handle_overflow=True)
     return None
 
 
 @overload(vexp_nonpos, **_EXP_OPTIONS)
 def _vexp_nonpos_impl(x):
     if x == types.float32:
-        return _exp32_factory(handle_overflow=False)
+        return _exp_factory(_F32, handle_overflow=False)
     if x == types.float64:
-        return _exp64
+        return _exp_factory(_F64, handle_overflow=False)
     return None
 
 

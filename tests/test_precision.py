@@ -12,7 +12,7 @@ from helpers import FLOAT_DTYPES, assert_close, randn
 
 import fastsoftmax
 from fastsoftmax import naive
-from fastsoftmax.kernels.rowmath import vexp
+from fastsoftmax.kernels.rowmath import vexp, vexp_nonpos
 from numba import njit
 
 F32_MAX = float(torch.finfo(torch.float32).max)
@@ -123,23 +123,47 @@ def test_rows_of_only_minus_inf_or_plus_inf_match_torch():
     torch.testing.assert_close(fastsoftmax.log_softmax(x, 1), torch.log_softmax(x, 1), equal_nan=True)
 
 
-@pytest.mark.parametrize("np_dtype,max_ulp", [(np.float32, 1.0), (np.float64, 1.0)])
-def test_vectorised_exp_is_within_one_ulp(np_dtype, max_ulp):
-    # the whole argument range whose result is a normal number
-    tiny = np.finfo(np_dtype).tiny
-    lo, hi = float(np.log(tiny)) + 0.01, float(np.log(np.finfo(np_dtype).max)) - 0.01
-    z = np.concatenate([np.linspace(lo, hi, 200_001), np.random.default_rng(0).uniform(-1, 1, 100_000)]).astype(np_dtype)
-
+def _apply(fn):
     @njit
     def apply(z):
         out = np.empty_like(z)
         for i in range(z.size):
-            out[i] = vexp(z[i])
+            out[i] = fn(z[i])
         return out
 
-    got = apply(z)
+    return apply
+
+
+def _max_ulp(got, z):
     exact = np.exp(z.astype(np.longdouble))
-    ulp = np.abs(got.astype(np.longdouble) - exact) / np.spacing(exact.astype(np_dtype)).astype(np.longdouble)
-    assert float(ulp.max()) <= max_ulp
-    special = apply(np.array([np.nan, -np.inf, np.inf, 0.0, -1e4], dtype=np_dtype))
-    assert np.isnan(special[0]) and special[1] == 0 and special[2] == np.inf and special[3] == 1 and special[4] == 0
+    return float((np.abs(got.astype(np.longdouble) - exact) / np.spacing(exact.astype(z.dtype)).astype(np.longdouble)).max())
+
+
+@pytest.mark.parametrize("np_dtype", [np.float32, np.float64])
+def test_vectorised_exp_is_within_one_ulp(np_dtype):
+    # the whole argument range whose result is a normal number
+    tiny = np.finfo(np_dtype).tiny
+    lo, hi = float(np.log(tiny)) + 0.01, float(np.log(np.finfo(np_dtype).max)) - 0.01
+    z = np.concatenate([np.linspace(lo, hi, 200_001), np.random.default_rng(0).uniform(-1, 1, 100_000)]).astype(np_dtype)
+    apply = _apply(vexp)
+    assert _max_ulp(apply(z), z) <= 1.0
+    special = apply(np.array([np.nan, -np.inf, np.inf, 0.0, -1e4, 1e4], dtype=np_dtype))
+    assert np.isnan(special[0]) and special[1] == 0 and special[2] == np.inf and special[3] == 1
+    assert special[4] == 0 and special[5] == np.inf
+
+
+@pytest.mark.parametrize("np_dtype", [np.float32, np.float64])
+def test_vectorised_exp_of_nonpositive_arguments(np_dtype):
+    """The kernels' exp: within one ulp down to the smallest normal result, then 0, never garbage."""
+    tiny = np.finfo(np_dtype).tiny
+    z = np.concatenate([np.linspace(float(np.log(tiny)) + 0.01, 0.0, 200_001), -np.random.default_rng(1).random(100_000)])
+    z = z.astype(np_dtype)
+    apply = _apply(vexp_nonpos)
+    assert _max_ulp(apply(z), z) <= 1.0
+    # below the normal range: as small as the exact value (to within 2**-k), monotone, and 0 far out
+    deep = -np.geomspace(-float(np.log(tiny)), 1e30, 10_001).astype(np_dtype)
+    got = apply(deep)
+    assert np.all(np.isfinite(got)) and np.all(got >= 0) and np.all(np.diff(got) <= 0)
+    assert np.all(got <= 1.01 * np.exp(deep.astype(np.longdouble)).astype(np.float64) + np.finfo(np_dtype).smallest_subnormal)
+    special = apply(np.array([np.nan, -np.inf, -0.0, -3.0e38, -1e4], dtype=np_dtype))
+    assert np.isnan(special[0]) and special[1] == 0 and special[2] == 1 and special[3] == 0 and special[4] == 0
