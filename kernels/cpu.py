@@ -12,12 +12,14 @@ small inputs waking the thread pool costs more than the work (see
 :data:`config.CPU_PARALLEL_MIN_ELEMENTS`; the host picks).
 """
 
+import hashlib
 import math
+from pathlib import Path
 from types import FunctionType
 
 from numba import njit, prange
 
-from . import config, rowmath
+from . import _llvm, config, rowmath
 from ._llvm import maxnum, prefetch, store_fence, stream_vector
 from .rowmath import cast_like, vexp_nonpos
 
@@ -29,27 +31,54 @@ _OPTIONS = dict(fastmath=set(config.FASTMATH), cache=True, nogil=True, error_mod
 # logits of -1e4). The flags stay on the instructions after LLVM inlines these.
 _EXACT = dict(fastmath=set(config.FASTMATH_EXACT), cache=True, nogil=True, error_model="numpy")
 
+
+
+def _sources_tag() -> str:
+    """A digest of the modules whose code and constants the kernels compile in.
+
+    Numba's on-disk cache checks only the file that defines a function, so an
+    edit to ``rowmath.py``, ``_llvm.py`` or ``config.py`` alone would leave
+    stale machine code in use. Every cached kernel of this module carries the
+    digest in its cache name (:func:`_renamed`): changed sources, new names,
+    fresh compiles.
+    """
+    digest = hashlib.sha256()
+    for module in (rowmath, _llvm, config):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+_TAG = _sources_tag()
+
+
+def _renamed(fn, suffix: str = ""):
+    """A copy of ``fn`` whose qualified name, Numba's cache key, ends in ``suffix`` and :data:`_TAG`."""
+    copy = FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix, fn.__defaults__, fn.__closure__)
+    copy.__qualname__ = f"{fn.__qualname__}{suffix}_{_TAG}"
+    copy.__doc__ = fn.__doc__
+    return copy
+
+
 ce_index_loss = njit(**_EXACT)(rowmath.ce_index_loss)
 ce_index_grad_coeffs = njit(**_EXACT)(rowmath.ce_index_grad_coeffs)
 
 
-@njit(**_EXACT)
 def _store_shifted(xr, yr, m, log_s):
     """``yr = (xr - m) - log_s``, in that order."""
     for j in range(xr.shape[0]):
         yr[j] = (xr[j] - m) - log_s
 
 
+_store_shifted = njit(**_EXACT)(_renamed(_store_shifted))
+
+
 def _twins(fn):
     """Compile ``fn`` twice: parallel (``prange`` over rows) and serial.
 
-    The serial twin is a copy of the function under another qualified name,
-    so that Numba's on-disk cache keeps the two apart.
+    The twins are copies under two qualified names, so that Numba's on-disk
+    cache keeps them apart.
     """
-    serial = FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__, fn.__closure__)
-    serial.__qualname__ = fn.__qualname__ + "_serial"
-    serial.__doc__ = fn.__doc__
-    return {True: njit(parallel=True, **_OPTIONS)(fn), False: njit(**_OPTIONS)(serial)}
+    return {True: njit(parallel=True, **_OPTIONS)(_renamed(fn)), False: njit(**_OPTIONS)(_renamed(fn, "_serial"))}
 
 
 #: Sums run in SIMD lanes of the input dtype over blocks of this many
@@ -134,6 +163,33 @@ def _gap_dot(xr, m, w):
     return total
 
 
+@njit(inline="always", **_OPTIONS)
+def _target_sums(xr, m, qr, w, keep, spread):
+    """``(sum_j a_j, sum_j a_j * (m - x_j))`` in float64, ``a_j = w_j * (keep * q_j + spread)`` (``w`` empty: ones)."""
+    n = xr.shape[0]
+    k = cast_like(keep, xr)
+    e = cast_like(spread, xr)
+    a_total = 0.0
+    ad_total = 0.0
+    for b in range(0, n, _BLOCK):
+        end = min(b + _BLOCK, n)
+        a_part = cast_like(0.0, xr)
+        ad_part = cast_like(0.0, xr)
+        if w.shape[0] > 0:
+            for j in range(b, end):
+                a = w[j] * (k * qr[j] + e)
+                a_part += a
+                ad_part += a * (m - xr[j])
+        else:
+            for j in range(b, end):
+                a = k * qr[j] + e
+                a_part += a
+                ad_part += a * (m - xr[j])
+        a_total += a_part
+        ad_total += ad_part
+    return a_total, ad_total
+
+
 _AHEAD = config.CPU_PREFETCH_ROWS
 
 
@@ -143,7 +199,6 @@ def _next_row(x, i):
     return x[i + _AHEAD] if i + _AHEAD < x.shape[0] else x[i, :0]
 
 
-@njit(**_EXACT)
 def _stream_row(dst, src, scale):
     """``dst[:] = src * scale`` with non-temporal stores for the 32-byte-aligned body."""
     n = dst.shape[0]
@@ -157,6 +212,9 @@ def _stream_row(dst, src, scale):
         j += width
     for k in range(j, n):
         dst[k] = src[k] * scale
+
+
+_stream_row = njit(**_EXACT)(_renamed(_stream_row))
 
 
 @njit(inline="always", **_OPTIONS)
@@ -309,18 +367,7 @@ def _cross_entropy_prob(x, q, weight, eps, scale, loss, grad, scratch):
             buf = (scratch[c] if stream else grad[i]) if want_grad else no_store
             m = _row_max(xr)
             s = _exp_sum(xr, m, buf, _next_row(x, i))
-            a_sum = 0.0
-            sum_ad = 0.0
-            if has_w:
-                for j in range(C):
-                    a = weight[j] * (keep * qr[j] + spread)
-                    a_sum += a
-                    sum_ad += a * (m - xr[j])
-            else:
-                for j in range(C):
-                    a = keep * qr[j] + spread
-                    a_sum += a
-                    sum_ad += a * (m - xr[j])
+            a_sum, sum_ad = _target_sums(xr, m, qr, weight, keep, spread)
             loss[i] = sum_ad + a_sum * math.log(s)
             if want_grad:
                 ke = cast_like(a_sum * scale / s, xr)
