@@ -4,9 +4,10 @@ The kernels see one layout only: a C-contiguous ``(R, C)`` array in the
 compute dtype with the reduced dimension last. This module brings any tensor
 to that layout (``movedim`` + ``contiguous``: a copy only when the reduced
 dimension is not already last and dense), picks the backend by device, and
-returns results in the caller's layout and dtype. Outputs whose reduced
-dimension was not last come back as a permuted view of a row-major buffer,
-so no second copy is made.
+returns results in the caller's dtype. Softmax outputs are contiguous, as
+PyTorch's are; when the reduced dimension was not last that costs a copy
+back from the rows-last buffer the kernels wrote. The cross-entropy gradient
+stays a permuted view of that buffer (autograd lays ``.grad`` out itself).
 """
 
 import torch
@@ -73,7 +74,7 @@ def softmax_forward(x: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
     if xr.numel():
         be.softmax_forward(as_rows(xr), as_rows(y), log)
     if dim != x.ndim - 1:
-        y = y.movedim(-1, dim)
+        y = y.movedim(-1, dim).contiguous()
     return to_dtype(y, x.dtype)
 
 
@@ -89,15 +90,32 @@ def softmax_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, log: bool) -> 
     if yr.numel():
         be.softmax_backward(as_rows(yr), as_rows(dyr), as_rows(dx), log)
     if dim != y.ndim - 1:
-        dx = dx.movedim(-1, dim)
+        dx = dx.movedim(-1, dim).contiguous()
     return to_dtype(dx, y.dtype)
 
 
-def softmax_fake(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """The layout :func:`softmax_forward` returns, without computing it."""
-    if x.ndim == 0:
-        return torch.empty_like(x)
-    return empty_moved(x, dim, x.dtype)
+def softmax_backward_graph(y: torch.Tensor, dy: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
+    """:func:`softmax_backward` in torch ops, so that it is itself differentiable.
+
+    The backward of the ops runs this instead of the kernel under
+    ``create_graph=True`` (double backward, Hessian-vector products): ``y``
+    then carries the graph of the forward.
+    """
+    if log:
+        return dy - torch.exp(y) * dy.sum(dim, keepdim=True)
+    return y * (dy - (dy * y).sum(dim, keepdim=True))
+
+
+def no_double_backward() -> None:
+    raise NotImplementedError(
+        "fastsoftmax: cross_entropy has no double backward (its forward keeps the gradient, not the input); "
+        "use torch.nn.functional.cross_entropy where create_graph=True is needed"
+    )
+
+
+def softmax_fake(x: torch.Tensor) -> torch.Tensor:
+    """The layout :func:`softmax_forward` returns (contiguous), without computing it."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 # --- cross-entropy -------------------------------------------------------------

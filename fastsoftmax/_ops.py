@@ -27,7 +27,7 @@ def _softmax_pair(name: str, log: bool):
 
     @forward.register_fake
     def _(input, dim):
-        return _host.softmax_fake(input, dim)
+        return _host.softmax_fake(input)
 
     @custom_op(f"fastsoftmax::{name}_backward", mutates_args=(), device_types=("cpu", "cuda"))
     def backward(output: Tensor, grad_output: Tensor, dim: int) -> Tensor:
@@ -35,7 +35,7 @@ def _softmax_pair(name: str, log: bool):
 
     @backward.register_fake
     def _(output, grad_output, dim):
-        return _host.softmax_fake(output, dim)
+        return _host.softmax_fake(output)
 
     def setup_context(ctx, inputs, output):
         ctx.dim = inputs[1]
@@ -43,6 +43,8 @@ def _softmax_pair(name: str, log: bool):
 
     def autograd_backward(ctx, grad_output):
         (output,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the backward too
+            return _host.softmax_backward_graph(output, grad_output, ctx.dim, log), None
         return backward(output, grad_output, ctx.dim), None
 
     forward.register_autograd(autograd_backward, setup_context=setup_context)
@@ -95,6 +97,8 @@ def _ce_autograd_backward(ctx, grad_loss, _grad_of_grad):
         raise RuntimeError(
             "fastsoftmax: cross_entropy was called with compute_grad=False, so it kept no gradient to propagate"
         )
+    if torch.is_grad_enabled():
+        _host.no_double_backward()
     (grad,) = ctx.saved_tensors
     return cross_entropy_backward(grad, grad_loss, ctx.input_dtype), None, None, None, None, None, None
 

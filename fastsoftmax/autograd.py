@@ -14,7 +14,9 @@ from . import _host
 class SoftmaxFunction(torch.autograd.Function):
     r"""Softmax along ``dim``: :math:`y_j = e^{x_j - m} / \sum_k e^{x_k - m}`, :math:`m = \max_k x_k`.
 
-    Backward: :math:`\partial x = y \odot (\partial y - \langle \partial y, y \rangle)`.
+    Backward: :math:`\partial x = y \odot (\partial y - \langle \partial y, y \rangle)`,
+    by the kernel, or in torch ops under ``create_graph=True`` so that it can
+    be differentiated again.
     """
 
     @staticmethod
@@ -27,13 +29,16 @@ class SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (y,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the backward too
+            return _host.softmax_backward_graph(y, grad_output, ctx.dim, log=False), None
         return _host.softmax_backward(y, grad_output, ctx.dim, log=False), None
 
 
 class LogSoftmaxFunction(torch.autograd.Function):
     r"""Log-softmax along ``dim``: :math:`y_j = (x_j - m) - \log \sum_k e^{x_k - m}`.
 
-    Backward: :math:`\partial x = \partial y - e^{y} \sum_k \partial y_k`.
+    Backward: :math:`\partial x = \partial y - e^{y} \sum_k \partial y_k` (double
+    backward as in :class:`SoftmaxFunction`).
     """
 
     @staticmethod
@@ -46,6 +51,8 @@ class LogSoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (y,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the backward too
+            return _host.softmax_backward_graph(y, grad_output, ctx.dim, log=True), None
         return _host.softmax_backward(y, grad_output, ctx.dim, log=True), None
 
 
@@ -64,6 +71,10 @@ class CrossEntropyFunction(torch.autograd.Function):
     reaches ``AccumulateGrad``, which then takes the tensor over as ``.grad``
     instead of cloning it. With ``retain_graph=True`` it is cloned (correct,
     one copy slower).
+
+    There is no double backward: under ``create_graph=True`` the backward
+    raises ``NotImplementedError`` rather than return a gradient that silently
+    does not depend on the input.
     """
 
     @staticmethod
@@ -78,6 +89,8 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        if torch.is_grad_enabled():
+            _host.no_double_backward()
         (grad,) = ctx.saved_tensors
         if grad.dtype == ctx.input_dtype and _host.is_unit(grad_output):
             return grad, None, None, None, None, None

@@ -16,6 +16,43 @@ def test_gradcheck_softmax(fn, shape, dim):
     assert torch.autograd.gradcheck(lambda x: fn(x, dim), (x,))
 
 
+@pytest.mark.parametrize(
+    "fn",
+    [fastsoftmax.softmax, fastsoftmax.log_softmax, _ops.softmax, _ops.log_softmax],
+    ids=["softmax", "log_softmax", "op_softmax", "op_log_softmax"],
+)
+@pytest.mark.parametrize("shape,dim", [((3, 7), 1), ((2, 4, 3), 1), ((5,), 0)])
+def test_gradgradcheck_softmax(fn, shape, dim):
+    x = randn(*shape, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda x: fn(x, dim), (x,))
+
+
+def test_hessian_vector_product_matches_torch():
+    x = randn(4, 9, dtype=torch.float64).requires_grad_()
+    v = randn(4, 9, dtype=torch.float64)
+
+    def hvp(softmax):
+        loss = (softmax(x, 1) * torch.linspace(-1, 1, 9, dtype=torch.float64)).sum() ** 2
+        (g,) = torch.autograd.grad(loss, x, create_graph=True)
+        (h,) = torch.autograd.grad((g * v).sum(), x)
+        return h
+
+    assert_close(hvp(fastsoftmax.log_softmax), hvp(TF.log_softmax))
+    assert_close(hvp(fastsoftmax.softmax), hvp(TF.softmax))
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "op"])
+def test_cross_entropy_double_backward_raises(compiled):
+    x = randn(4, 6, dtype=torch.float64).requires_grad_()
+    t = torch.tensor([0, 5, 2, 1])
+    if compiled:
+        loss, _ = _ops.cross_entropy(x, t, None, -100, "mean", 0.0, True)
+    else:
+        loss = fastsoftmax.cross_entropy(x, t)
+    with pytest.raises(NotImplementedError, match="no double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
 @pytest.mark.parametrize("kind", ["index", "prob"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_gradcheck_cross_entropy(kind, reduction):

@@ -66,6 +66,30 @@ def test_non_contiguous_input(op, ref):
 
 
 @pytest.mark.parametrize("op,ref", OPS, ids=OP_IDS)
+@pytest.mark.parametrize(
+    "make,dim",
+    [
+        (lambda: randn(4, 5, 6), 0),
+        (lambda: randn(4, 5, 6), 1),
+        (lambda: randn(4, 6, 5).transpose(1, 2), 1),
+        (lambda: randn(2, 3, 4, 5).to(memory_format=torch.channels_last), 1),
+    ],
+    ids=["dim0", "dim1", "transposed", "channels_last"],
+)
+def test_output_and_gradient_strides_match_torch(op, ref, make, dim):
+    """Same strides as torch's result (contiguous), so ``.view`` works on ours wherever on theirs."""
+    x = make().requires_grad_()
+    ours, theirs = op(x, dim), ref(x, dim)
+    assert ours.stride() == theirs.stride()
+    g = randn(*x.shape)
+    (dx_ours,) = torch.autograd.grad(ours, x, g)
+    (dx_theirs,) = torch.autograd.grad(theirs, x, g)
+    assert dx_ours.stride() == dx_theirs.stride()
+    assert_close(ours, theirs)
+    assert_close(dx_ours, dx_theirs)
+
+
+@pytest.mark.parametrize("op,ref", OPS, ids=OP_IDS)
 def test_dtype_argument_casts_first(op, ref):
     x = randn(6, 50, dtype=torch.float32)
     y = op(x, 1, dtype=torch.float64)
