@@ -186,22 +186,17 @@ def _exp_factory(fmt: _Format, handle_overflow: bool):
 _EXP_OPTIONS = dict(jit_options={"fastmath": set(config.FASTMATH_EXACT)}, inline="never")
 
 
+_FORMATS = {types.float32: _F32, types.float64: _F64}
+
+
 @overload(vexp, **_EXP_OPTIONS)
 def _vexp_impl(x):
-    if x == types.float32:
-        return _exp_factory(_F32, handle_overflow=True)
-    if x == types.float64:
-        return _exp_factory(_F64, handle_overflow=True)
-    return None
+    return _exp_factory(_FORMATS[x], handle_overflow=True) if x in _FORMATS else None
 
 
 @overload(vexp_nonpos, **_EXP_OPTIONS)
 def _vexp_nonpos_impl(x):
-    if x == types.float32:
-        return _exp_factory(_F32, handle_overflow=False)
-    if x == types.float64:
-        return _exp_factory(_F64, handle_overflow=False)
-    return None
+    return _exp_factory(_FORMATS[x], handle_overflow=False) if x in _FORMATS else None
 
 
 def cast_like(value, array):
