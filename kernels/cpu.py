@@ -32,7 +32,6 @@ _OPTIONS = dict(fastmath=set(config.FASTMATH), cache=True, nogil=True, error_mod
 _EXACT = dict(fastmath=set(config.FASTMATH_EXACT), cache=True, nogil=True, error_model="numpy")
 
 
-
 def _sources_tag() -> str:
     """A digest of the modules whose code and constants the kernels compile in.
 
@@ -59,17 +58,20 @@ def _renamed(fn, suffix: str = ""):
     return copy
 
 
+def _exact(fn):
+    """``njit`` with the :data:`_EXACT` flags, cached under a :func:`_renamed` name."""
+    return njit(**_EXACT)(_renamed(fn))
+
+
 ce_index_loss = njit(**_EXACT)(rowmath.ce_index_loss)
 ce_index_grad_coeffs = njit(**_EXACT)(rowmath.ce_index_grad_coeffs)
 
 
+@_exact
 def _store_shifted(xr, yr, m, log_s):
     """``yr = (xr - m) - log_s``, in that order."""
     for j in range(xr.shape[0]):
         yr[j] = (xr[j] - m) - log_s
-
-
-_store_shifted = njit(**_EXACT)(_renamed(_store_shifted))
 
 
 def _twins(fn):
@@ -199,6 +201,7 @@ def _next_row(x, i):
     return x[i + _AHEAD] if i + _AHEAD < x.shape[0] else x[i, :0]
 
 
+@_exact
 def _stream_row(dst, src, scale):
     """``dst[:] = src * scale`` with non-temporal stores for the 32-byte-aligned body."""
     n = dst.shape[0]
@@ -212,9 +215,6 @@ def _stream_row(dst, src, scale):
         j += width
     for k in range(j, n):
         dst[k] = src[k] * scale
-
-
-_stream_row = njit(**_EXACT)(_renamed(_stream_row))
 
 
 @njit(inline="always", **_OPTIONS)
