@@ -4,9 +4,11 @@ Every function takes C-contiguous 2-D tensors ``(R, C)`` already in the
 compute dtype, as prepared by :mod:`fastsoftmax._host`, and writes into the
 outputs it is given. ``tensor.numpy()`` shares memory, so nothing is copied.
 
-Work is split into :data:`config.CPU_CHUNKS_PER_THREAD` chunks per thread,
-scheduled dynamically: on a shared or virtual machine one descheduled thread
-then delays the op by one chunk rather than by half of it.
+The parallel kernels run one worker per thread; the workers claim rows from
+a shared counter, :data:`config.CPU_CLAIMS_PER_THREAD` claims' worth per
+thread (see :mod:`kernels.cpu`). On a shared or virtual machine, where one
+thread often runs slower than the other, the faster one then takes more
+rows instead of waiting for the slower one at the end.
 """
 
 import numba
@@ -29,7 +31,6 @@ def empty(shape, dtype: torch.dtype, device=None) -> torch.Tensor:
     return _pool.empty(shape, dtype)
 
 _NO_WEIGHT = {np.float32: np.empty(0, np.float32), np.float64: np.empty(0, np.float64)}
-_SERIAL = {torch.float32: np.empty((1, 0), np.float32), torch.float64: np.empty((1, 0), np.float64)}
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -42,47 +43,60 @@ def _weight(weight, like: np.ndarray) -> np.ndarray:
     return _np(weight)
 
 
-def _launch(kernel, n_rows: int, n_cols: int, *args, items_per_chunk: int = 1) -> None:
-    """Run the serial twin of ``kernel`` on small inputs, else the parallel one, dynamically scheduled.
-
-    ``items_per_chunk``: how many iterations of the kernel's parallel loop
-    make one chunk (1 for kernels whose loop is already over chunks of rows).
-    """
+def _workers(n_rows: int, n_cols: int) -> int:
+    """How many threads work on an ``(n_rows, n_cols)`` input: 1 (the serial twin) below :data:`config.CPU_PARALLEL_MIN_ELEMENTS`."""
     if n_rows * n_cols < config.CPU_PARALLEL_MIN_ELEMENTS:
-        return kernel[False](*args)
-    previous = numba.set_parallel_chunksize(items_per_chunk)
+        return 1
+    return max(1, min(n_rows, numba.get_num_threads()))
+
+
+def _queue(n_rows: int, n_cols: int, workers: int) -> np.ndarray:
+    """A fresh work queue ``[next row, rows per claim, workers]`` for the kernels of :mod:`kernels.cpu`.
+
+    About :data:`config.CPU_CLAIMS_PER_THREAD` claims per worker, each of at
+    least :data:`config.CPU_MIN_CLAIM_ELEMENTS` elements.
+    """
+    per_claim = max(-(-n_rows // (workers * config.CPU_CLAIMS_PER_THREAD)), -(-config.CPU_MIN_CLAIM_ELEMENTS // max(n_cols, 1)))
+    return np.array([0, per_claim, workers], dtype=np.int64)
+
+
+def _launch(kernel, n_rows: int, n_cols: int, *args, workers: int | None = None) -> None:
+    """Run ``kernel`` (its serial twin for one worker) with a fresh work queue as its last argument."""
+    workers = _workers(n_rows, n_cols) if workers is None else workers
+    queue = _queue(n_rows, n_cols, workers)
+    if workers == 1:
+        return kernel[False](*args, queue)
+    # one loop iteration per chunk, so that no thread runs two workers
+    previous = numba.set_parallel_chunksize(1)
     try:
-        kernel[True](*args)
+        kernel[True](*args, queue)
     finally:
         numba.set_parallel_chunksize(previous)
 
 
-def _row_chunk(n_rows: int) -> int:
-    return max(1, n_rows // (numba.get_num_threads() * config.CPU_CHUNKS_PER_THREAD))
+def _launch_forward(kernel, out, *args) -> None:
+    """:func:`_launch` for a forward kernel, with its scratch rows (one per worker) before the queue.
 
-
-def _scratch(out) -> np.ndarray:
-    """The chunks of rows of a forward kernel: one scratch row each when ``out`` is too large for the cache.
-
-    The kernels build each row in its chunk's scratch row and stream it to
-    ``out`` with non-temporal stores (see :func:`kernels.cpu._softmax_forward`).
+    When ``out`` is too large for the cache, the kernels build each row in
+    their worker's scratch row and stream it to ``out`` with non-temporal
+    stores (see :func:`kernels.cpu._softmax_forward`); otherwise the scratch
+    has no columns and rows are built in place.
     """
     n_rows, n_cols = out.shape
-    if n_rows * n_cols < config.CPU_PARALLEL_MIN_ELEMENTS:
-        return _SERIAL[out.dtype]  # one chunk, nothing streamed
-    chunks = min(n_rows, numba.get_num_threads() * config.CPU_CHUNKS_PER_THREAD)
-    stream = out.numel() * out.element_size() >= config.CPU_STREAM_MIN_BYTES
-    return np.empty((chunks, n_cols if stream else 0), dtype=_np(out).dtype)
+    workers = _workers(n_rows, n_cols)
+    stream = workers > 1 and out.numel() * out.element_size() >= config.CPU_STREAM_MIN_BYTES
+    scratch = np.empty((workers, n_cols if stream else 0), dtype=_np(out).dtype)
+    _launch(kernel, n_rows, n_cols, *args, scratch, workers=workers)
 
 
 def softmax_forward(x, y, log: bool) -> None:
     kernel = cpu.log_softmax_forward if log else cpu.softmax_forward
-    _launch(kernel, *x.shape, _np(x), _np(y), _scratch(y))
+    _launch_forward(kernel, y, _np(x), _np(y))
 
 
 def softmax_backward(y, dy, dx, log: bool) -> None:
     kernel = cpu.log_softmax_backward if log else cpu.softmax_backward
-    _launch(kernel, *y.shape, _np(y), _np(dy), _np(dx), items_per_chunk=_row_chunk(y.shape[0]))
+    _launch(kernel, *y.shape, _np(y), _np(dy), _np(dx))
 
 
 def _scale(denom: float, reduction: str) -> float:
@@ -103,8 +117,8 @@ def cross_entropy_index(x, target, weight, ignore_index, eps, reduction, loss, g
 
         raise_bad_target(int(tn[bad]), bad, x.shape[1], ignore_index)
     if x.shape[0]:
-        args = (xn, tn, w, ignore_index, eps, _scale(denom, reduction), _np(loss), _np(grad), _scratch(x))
-        _launch(cpu.cross_entropy_index, *x.shape, *args)
+        args = (xn, tn, w, ignore_index, eps, _scale(denom, reduction), _np(loss), _np(grad))
+        _launch_forward(cpu.cross_entropy_index, x, *args)
     return denom
 
 
@@ -112,13 +126,13 @@ def cross_entropy_prob(x, q, weight, eps, reduction, loss, grad) -> float:
     denom = float(x.shape[0])
     if x.shape[0]:
         xn = _np(x)
-        args = (xn, _np(q), _weight(weight, xn), eps, _scale(denom, reduction), _np(loss), _np(grad), _scratch(x))
-        _launch(cpu.cross_entropy_prob, *x.shape, *args)
+        args = (xn, _np(q), _weight(weight, xn), eps, _scale(denom, reduction), _np(loss), _np(grad))
+        _launch_forward(cpu.cross_entropy_prob, x, *args)
     return denom
 
 
 def scale_rows(src, factor, out) -> None:
-    _launch(cpu.scale_rows, *src.shape, _np(src), _np(factor), _np(out), items_per_chunk=_row_chunk(src.shape[0]))
+    _launch(cpu.scale_rows, *src.shape, _np(src), _np(factor), _np(out))
 
 
 def copy(src, out) -> None:

@@ -8,6 +8,10 @@ understands, so the loops that call them still become SIMD code:
   max-reduction without the ``nnan`` flag, which we never set.
 * ``pow2_from_shifted(t)``: ``2**n`` built directly from the exponent bits
   (``ldexp`` without the call) of a float that carries ``n`` in its low bits.
+
+and the memory operations the kernels need around their loops: non-temporal
+stores, a fence, a prefetch, and an atomic add for the threads' shared work
+queue.
 """
 
 from llvmlite import ir
@@ -117,3 +121,24 @@ def prefetch(typingctx, arr, j):
         return context.get_dummy_value()
 
     return types.none(arr, j), codegen
+
+
+@intrinsic
+def fetch_add(typingctx, arr, i, v):
+    """Atomically ``arr[i] += v`` on an int64 array; returns the old ``arr[i]``.
+
+    The CPU kernels' threads claim rows from one shared counter with it
+    (``atomicrmw add``, monotonic order: each claim gets a distinct value, and
+    the claimed rows are written to disjoint places, so nothing else needs
+    ordering).
+    """
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int64 and isinstance(v, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = builder.gep(a.data, [args[1]])
+        value = context.cast(builder, args[2], sig.args[2], types.int64)
+        return builder.atomic_rmw("add", ptr, value, "monotonic")
+
+    return types.int64(arr, i, v), codegen

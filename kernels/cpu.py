@@ -7,9 +7,14 @@ the cache, the passes after it (``C`` floats: 128 KiB at ``C = 32000``) run
 from L2. Inner loops are branch-free so LLVM vectorises them; sums are
 accumulated in float64 whatever the input dtype.
 
-Each kernel comes as a pair, ``parallel`` over rows and ``serial``: for
-small inputs waking the thread pool costs more than the work (see
-:data:`config.CPU_PARALLEL_MIN_ELEMENTS`; the host picks).
+Each kernel comes as a pair, ``parallel`` and ``serial``: for small inputs
+waking the thread pool costs more than the work (see
+:data:`config.CPU_PARALLEL_MIN_ELEMENTS`; the host picks). Both take a work
+queue, a 3-element int64 array ``[next row, rows per claim, workers]``: the
+parallel twin runs one worker per thread, and each worker claims rows from
+the shared counter (:func:`_claim`) until none are left. A thread that runs
+slower (descheduled by the OS, a busy sibling core on a virtual machine)
+then takes fewer rows, instead of holding up the op with a fixed share.
 """
 
 import hashlib
@@ -20,7 +25,7 @@ from types import FunctionType
 from numba import njit, prange
 
 from . import _llvm, config, rowmath
-from ._llvm import maxnum, prefetch, store_fence, stream_vector
+from ._llvm import fetch_add, maxnum, prefetch, store_fence, stream_vector
 from .rowmath import cast_like, vexp_nonpos
 
 _OPTIONS = dict(fastmath=set(config.FASTMATH), cache=True, nogil=True, error_model="numpy")
@@ -75,7 +80,7 @@ def _store_shifted(xr, yr, m, log_s):
 
 
 def _twins(fn):
-    """Compile ``fn`` twice: parallel (``prange`` over rows) and serial.
+    """Compile ``fn`` twice: parallel (``prange`` over workers) and serial.
 
     The twins are copies under two qualified names, so that Numba's on-disk
     cache keeps them apart.
@@ -217,83 +222,102 @@ def _stream_row(dst, src, scale):
         dst[k] = src[k] * scale
 
 
+#: The fields of a work queue.
+_NEXT, _STEP, _WORKERS = 0, 1, 2
+
+
 @njit(inline="always", **_OPTIONS)
-def _rows_of(chunk, n_chunks, n_rows):
-    """The rows ``[lo, hi)`` of one of ``n_chunks`` equal chunks."""
-    return chunk * n_rows // n_chunks, (chunk + 1) * n_rows // n_chunks
+def _claim(queue, n_rows):
+    """The next rows ``[lo, hi)`` of the work ``queue``; empty once all ``n_rows`` are taken.
+
+    One atomic add on the shared counter, so no two workers get the same row.
+    """
+    step = queue[_STEP]
+    lo = min(fetch_add(queue, _NEXT, step), n_rows)
+    return lo, min(lo + step, n_rows)
 
 
-def _softmax_forward(x, y, scratch):
+def _softmax_forward(x, y, scratch, queue):
     """``y = exp(x - m) / sum(exp(x - m))`` per row, ``m`` the row max.
 
-    The rows are split into ``len(scratch)`` chunks, one per thread. When
-    ``scratch`` has columns (the output is larger than the cache), each row is
-    built in its chunk's scratch row and written to ``y`` with non-temporal
-    stores, which saves reading ``y`` into the cache before writing it; one
-    fence per chunk then makes those stores visible. A NaN anywhere in a row
+    Rows are claimed from ``queue`` (see the module docstring). ``scratch``
+    has a row per worker; when it has columns (the output is larger than the
+    cache), each row is built in its worker's scratch row and written to ``y``
+    with non-temporal stores, which saves reading ``y`` into the cache before
+    writing it; one fence per worker then makes those stores visible. A NaN anywhere in a row
     makes the whole row NaN (through the sum); a row of all ``-inf`` gives NaN,
     as in PyTorch.
     """
-    n_chunks, width = scratch.shape
-    stream = width > 0
-    for c in prange(n_chunks):
-        lo, hi = _rows_of(c, n_chunks, x.shape[0])
-        for i in range(lo, hi):
-            xr = x[i]
-            buf = scratch[c] if stream else y[i]
-            m = _row_max(xr)
-            inv = cast_like(1.0 / _exp_sum(xr, m, buf, _next_row(x, i)), xr)
-            if stream:
-                _stream_row(y[i], buf, inv)
-            else:
-                for j in range(buf.shape[0]):
-                    buf[j] *= inv
+    stream = scratch.shape[1] > 0
+    for w in prange(queue[_WORKERS]):
+        lo, hi = _claim(queue, x.shape[0])
+        while lo < hi:
+            for i in range(lo, hi):
+                xr = x[i]
+                buf = scratch[w] if stream else y[i]
+                m = _row_max(xr)
+                inv = cast_like(1.0 / _exp_sum(xr, m, buf, _next_row(x, i)), xr)
+                if stream:
+                    _stream_row(y[i], buf, inv)
+                else:
+                    for j in range(buf.shape[0]):
+                        buf[j] *= inv
+            lo, hi = _claim(queue, x.shape[0])
         if stream:
             store_fence()
 
 
-def _softmax_backward(y, dy, dx):
+def _softmax_backward(y, dy, dx, queue):
     """``dx = y * (dy - sum(dy * y))`` per row."""
-    for i in prange(y.shape[0]):
-        yr = y[i]
-        gr = dy[i]
-        d = cast_like(_dot(gr, yr), yr)
-        out = dx[i]
-        for j in range(yr.shape[0]):
-            out[j] = yr[j] * (gr[j] - d)
+    for w in prange(queue[_WORKERS]):
+        lo, hi = _claim(queue, y.shape[0])
+        while lo < hi:
+            for i in range(lo, hi):
+                yr = y[i]
+                gr = dy[i]
+                d = cast_like(_dot(gr, yr), yr)
+                out = dx[i]
+                for j in range(yr.shape[0]):
+                    out[j] = yr[j] * (gr[j] - d)
+            lo, hi = _claim(queue, y.shape[0])
 
 
-def _log_softmax_forward(x, y, scratch):
+def _log_softmax_forward(x, y, scratch, queue):
     """``y = (x - m) - log(sum(exp(x - m)))`` per row (``scratch`` as in :func:`_softmax_forward`)."""
-    n_chunks, width = scratch.shape
-    stream = width > 0
+    stream = scratch.shape[1] > 0
     no_store = x[0, :0]
-    for c in prange(n_chunks):
-        lo, hi = _rows_of(c, n_chunks, x.shape[0])
-        for i in range(lo, hi):
-            xr = x[i]
-            buf = scratch[c] if stream else y[i]
-            m = _row_max(xr)
-            _store_shifted(xr, buf, m, cast_like(math.log(_exp_sum(xr, m, no_store, _next_row(x, i))), xr))
-            if stream:
-                _stream_row(y[i], buf, cast_like(1.0, buf))
+    for w in prange(queue[_WORKERS]):
+        lo, hi = _claim(queue, x.shape[0])
+        while lo < hi:
+            for i in range(lo, hi):
+                xr = x[i]
+                buf = scratch[w] if stream else y[i]
+                m = _row_max(xr)
+                _store_shifted(xr, buf, m, cast_like(math.log(_exp_sum(xr, m, no_store, _next_row(x, i))), xr))
+                if stream:
+                    _stream_row(y[i], buf, cast_like(1.0, buf))
+            lo, hi = _claim(queue, x.shape[0])
         if stream:
             store_fence()
 
 
-def _log_softmax_backward(y, dy, dx):
+def _log_softmax_backward(y, dy, dx, queue):
     """``dx = dy - exp(y) * sum(dy)`` per row."""
     no_weight = dy[0, :0]
-    for i in prange(y.shape[0]):
-        yr = y[i]
-        gr = dy[i]
-        t = cast_like(_dot(gr, no_weight), yr)
-        out = dx[i]
-        for j in range(yr.shape[0]):
-            out[j] = gr[j] - vexp_nonpos(yr[j]) * t
+    for w in prange(queue[_WORKERS]):
+        lo, hi = _claim(queue, y.shape[0])
+        while lo < hi:
+            for i in range(lo, hi):
+                yr = y[i]
+                gr = dy[i]
+                t = cast_like(_dot(gr, no_weight), yr)
+                out = dx[i]
+                for j in range(yr.shape[0]):
+                    out[j] = gr[j] - vexp_nonpos(yr[j]) * t
+            lo, hi = _claim(queue, y.shape[0])
 
 
-def _cross_entropy_index(x, target, weight, ignore_index, eps, scale, loss, grad, scratch):
+def _cross_entropy_index(x, target, weight, ignore_index, eps, scale, loss, grad, scratch, queue):
     """Fused cross-entropy with class-index targets: loss and gradient in one sweep.
 
     ``x`` (R, C) logits; ``target`` (R,) int64, already checked to lie in
@@ -308,43 +332,44 @@ def _cross_entropy_index(x, target, weight, ignore_index, eps, scale, loss, grad
     has_w = weight.shape[0] > 0
     want_grad = grad.shape[0] > 0
     w_sum = _dot(weight, weight[:0]) if has_w else float(C)
-    n_chunks, width = scratch.shape
-    stream = width > 0
+    stream = scratch.shape[1] > 0
     no_store = x[0, :0]
-    for c in prange(n_chunks):
-        lo, hi = _rows_of(c, n_chunks, R)
-        for i in range(lo, hi):
-            t = target[i]
-            if t == ignore_index:
-                loss[i] = 0.0
+    for w in prange(queue[_WORKERS]):
+        lo, hi = _claim(queue, R)
+        while lo < hi:
+            for i in range(lo, hi):
+                t = target[i]
+                if t == ignore_index:
+                    loss[i] = 0.0
+                    if want_grad:
+                        grad[i, :] = 0
+                    continue
+                xr = x[i]
+                buf = (scratch[w] if stream else grad[i]) if want_grad else no_store
+                m = _row_max(xr)
+                s = _exp_sum(xr, m, buf, _next_row(x, i))
+                sum_wd = _gap_dot(xr, m, weight) if eps > 0.0 else 0.0
+                w_t = weight[t] if has_w else 1.0
+                loss[i] = ce_index_loss(m, math.log(s), xr[t], w_t, sum_wd, w_sum, eps, C)
                 if want_grad:
-                    grad[i, :] = 0
-                continue
-            xr = x[i]
-            buf = (scratch[c] if stream else grad[i]) if want_grad else no_store
-            m = _row_max(xr)
-            s = _exp_sum(xr, m, buf, _next_row(x, i))
-            sum_wd = _gap_dot(xr, m, weight) if eps > 0.0 else 0.0
-            w_t = weight[t] if has_w else 1.0
-            loss[i] = ce_index_loss(m, math.log(s), xr[t], w_t, sum_wd, w_sum, eps, C)
-            if want_grad:
-                k_exp, k_w, k_hot = ce_index_grad_coeffs(s, w_t, w_sum, eps, C, scale)
-                ke = cast_like(k_exp, xr)
-                kw = cast_like(k_w, xr)
-                if has_w:
-                    for j in range(C):
-                        buf[j] = buf[j] * ke - kw * weight[j]
-                else:
-                    for j in range(C):
-                        buf[j] = buf[j] * ke - kw
-                buf[t] -= cast_like(k_hot, xr)
-                if stream:
-                    _stream_row(grad[i], buf, cast_like(1.0, buf))
+                    k_exp, k_w, k_hot = ce_index_grad_coeffs(s, w_t, w_sum, eps, C, scale)
+                    ke = cast_like(k_exp, xr)
+                    kw = cast_like(k_w, xr)
+                    if has_w:
+                        for j in range(C):
+                            buf[j] = buf[j] * ke - kw * weight[j]
+                    else:
+                        for j in range(C):
+                            buf[j] = buf[j] * ke - kw
+                    buf[t] -= cast_like(k_hot, xr)
+                    if stream:
+                        _stream_row(grad[i], buf, cast_like(1.0, buf))
+            lo, hi = _claim(queue, R)
         if stream:
             store_fence()
 
 
-def _cross_entropy_prob(x, q, weight, eps, scale, loss, grad, scratch):
+def _cross_entropy_prob(x, q, weight, eps, scale, loss, grad, scratch, queue):
     """Fused cross-entropy with class-probability targets ``q`` (R, C).
 
     With ``a_j = w_j * ((1 - eps) * q_j + eps / C)`` and ``A = sum_j a_j``:
@@ -356,43 +381,48 @@ def _cross_entropy_prob(x, q, weight, eps, scale, loss, grad, scratch):
     want_grad = grad.shape[0] > 0
     keep = 1.0 - eps
     spread = eps / C
-    n_chunks, width = scratch.shape
-    stream = width > 0
+    stream = scratch.shape[1] > 0
     no_store = x[0, :0]
-    for c in prange(n_chunks):
-        lo, hi = _rows_of(c, n_chunks, R)
-        for i in range(lo, hi):
-            xr = x[i]
-            qr = q[i]
-            buf = (scratch[c] if stream else grad[i]) if want_grad else no_store
-            m = _row_max(xr)
-            s = _exp_sum(xr, m, buf, _next_row(x, i))
-            a_sum, sum_ad = _target_sums(xr, m, qr, weight, keep, spread)
-            loss[i] = sum_ad + a_sum * math.log(s)
-            if want_grad:
-                ke = cast_like(a_sum * scale / s, xr)
-                k_keep = cast_like(keep * scale, xr)
-                k_spread = cast_like(spread * scale, xr)
-                if has_w:
-                    for j in range(C):
-                        buf[j] = buf[j] * ke - weight[j] * (k_keep * qr[j] + k_spread)
-                else:
-                    for j in range(C):
-                        buf[j] = buf[j] * ke - (k_keep * qr[j] + k_spread)
-                if stream:
-                    _stream_row(grad[i], buf, cast_like(1.0, buf))
+    for w in prange(queue[_WORKERS]):
+        lo, hi = _claim(queue, R)
+        while lo < hi:
+            for i in range(lo, hi):
+                xr = x[i]
+                qr = q[i]
+                buf = (scratch[w] if stream else grad[i]) if want_grad else no_store
+                m = _row_max(xr)
+                s = _exp_sum(xr, m, buf, _next_row(x, i))
+                a_sum, sum_ad = _target_sums(xr, m, qr, weight, keep, spread)
+                loss[i] = sum_ad + a_sum * math.log(s)
+                if want_grad:
+                    ke = cast_like(a_sum * scale / s, xr)
+                    k_keep = cast_like(keep * scale, xr)
+                    k_spread = cast_like(spread * scale, xr)
+                    if has_w:
+                        for j in range(C):
+                            buf[j] = buf[j] * ke - weight[j] * (k_keep * qr[j] + k_spread)
+                    else:
+                        for j in range(C):
+                            buf[j] = buf[j] * ke - (k_keep * qr[j] + k_spread)
+                    if stream:
+                        _stream_row(grad[i], buf, cast_like(1.0, buf))
+            lo, hi = _claim(queue, R)
         if stream:
             store_fence()
 
 
-def _scale_rows(src, factor, out):
+def _scale_rows(src, factor, out, queue):
     """``out[i, :] = src[i, :] * factor[i]``: the cross-entropy backward."""
-    for i in prange(src.shape[0]):
-        f = cast_like(factor[i], src)
-        sr = src[i]
-        orow = out[i]
-        for j in range(sr.shape[0]):
-            orow[j] = sr[j] * f
+    for w in prange(queue[_WORKERS]):
+        lo, hi = _claim(queue, src.shape[0])
+        while lo < hi:
+            for i in range(lo, hi):
+                f = cast_like(factor[i], src)
+                sr = src[i]
+                orow = out[i]
+                for j in range(sr.shape[0]):
+                    orow[j] = sr[j] * f
+            lo, hi = _claim(queue, src.shape[0])
 
 
 softmax_forward = _twins(_softmax_forward)

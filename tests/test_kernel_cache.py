@@ -21,7 +21,7 @@ RUN = textwrap.dedent(
     from kcopy import cpu
     x = np.linspace(-3.0, 3.0, 64, dtype=np.float32).reshape(2, 32)
     y = np.full_like(x, np.nan)
-    cpu.softmax_forward[False](x, y, np.empty((1, 0), np.float32))
+    cpu.softmax_forward[False](x, y, np.empty((1, 0), np.float32), np.array([0, 2, 1], np.int64))
     print(repr(y.tobytes().hex()))
     """
 )

@@ -1,0 +1,87 @@
+"""The CPU kernels' parallel machinery: the shared work queue and the non-temporal streaming path.
+
+Through the public API, these paths only run on large inputs (at least
+``config.CPU_PARALLEL_MIN_ELEMENTS`` elements, outputs of at least
+``config.CPU_STREAM_MIN_BYTES``); here the thresholds are lowered so that
+small inputs take them, with claim sizes that divide the rows unevenly and
+row widths whose starts fall at every alignment.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as TF
+from helpers import assert_close, randn
+
+import fastsoftmax
+from fastsoftmax.kernels import config, cpu
+
+# (claims per thread, minimum elements per claim): one row per claim, a few
+# rows per claim, and all rows in one claim (the other worker gets none)
+CLAIMS = [(1 << 20, 1), (3, 1), (1, 1 << 30)]
+
+
+@pytest.fixture(params=[False, True], ids=["cached", "streamed"])
+def parallel_config(request, monkeypatch):
+    monkeypatch.setattr(config, "CPU_PARALLEL_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(config, "CPU_STREAM_MIN_BYTES", 0 if request.param else 1 << 62)
+    return monkeypatch
+
+
+def _softmax_grad(op, x, go):
+    x = x.detach().requires_grad_()
+    y = op(x, 1)
+    (dx,) = torch.autograd.grad(y, x, go)
+    return y, dx
+
+
+@pytest.mark.parametrize("claims", CLAIMS, ids=["row", "rows", "all"])
+@pytest.mark.parametrize("n_cols", [1, 13, 1001])  # 1001 floats: row starts at every 4-byte offset mod 32
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_softmax_ops_with_claims_and_streaming(parallel_config, claims, n_cols, dtype, name):
+    parallel_config.setattr(config, "CPU_CLAIMS_PER_THREAD", claims[0])
+    parallel_config.setattr(config, "CPU_MIN_CLAIM_ELEMENTS", claims[1])
+    x = randn(37, n_cols, dtype=dtype)
+    go = randn(37, n_cols, dtype=dtype)
+    y, dx = _softmax_grad(getattr(fastsoftmax, name), x, go)
+    y_ref, dx_ref = _softmax_grad(getattr(torch, name), x.double(), go.double())
+    assert_close(y, y_ref)
+    assert_close(dx, dx_ref)
+
+
+@pytest.mark.parametrize("claims", CLAIMS, ids=["row", "rows", "all"])
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_cross_entropy_with_claims_and_streaming(parallel_config, claims, kind):
+    parallel_config.setattr(config, "CPU_CLAIMS_PER_THREAD", claims[0])
+    parallel_config.setattr(config, "CPU_MIN_CLAIM_ELEMENTS", claims[1])
+    x = randn(41, 1003, dtype=torch.float32)
+    if kind == "index":
+        target = torch.randint(0, 1003, (41,))
+        target[::5] = -100
+    else:
+        target = torch.softmax(randn(41, 1003, dtype=torch.float32), 1)
+    weight = torch.rand(1003, dtype=torch.float32) + 0.5
+    results = []
+    for fn, dt in ((fastsoftmax.cross_entropy, torch.float32), (TF.cross_entropy, torch.float64)):
+        xx = x.to(dt).requires_grad_()
+        tt = target.to(dt) if kind == "prob" else target
+        loss = fn(xx, tt, weight=weight.to(dt), reduction="none", label_smoothing=0.1)
+        go = randn(41, dtype=dt, seed=3)
+        (dx,) = torch.autograd.grad(loss, xx, go)
+        results.append((loss, dx))
+    assert_close(results[0][0], results[1][0], dtype=torch.float32)
+    assert_close(results[0][1], results[1][1], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("workers,per_claim", [(1, 1), (2, 100), (5, 3), (9, 1)])
+def test_workers_beyond_threads_share_one_queue(workers, per_claim):
+    """More workers than threads (or one): every row is still written exactly once, and the queue is drained."""
+    x = randn(23, 333, dtype=torch.float32).numpy()
+    y = np.full_like(x, np.nan)
+    scratch = np.empty((workers, 333), np.float32)
+    queue = np.array([0, per_claim, workers], np.int64)
+    cpu.softmax_forward[True](x, y, scratch, queue)
+    assert queue[0] >= 23
+    ref = torch.softmax(torch.from_numpy(x).double(), 1)
+    assert_close(torch.from_numpy(y), ref)
