@@ -6,6 +6,10 @@ Only torch, fastsoftmax and a plain copy (np.copyto into memory already
 allocated) are interleaved, repetition by repetition; ``fastsoftmax bench``
 runs the full matrix, where the naive version's large temporaries also
 flush the caches between calls.
+
+Each figure is a ratio of medians. On a shared virtual machine the memory
+bandwidth drifts during a run, so the quartiles of the per-repetition
+ratios (each taken within one repetition) are printed beside it.
 """
 
 import argparse
@@ -24,6 +28,10 @@ FIGURES = [
 ]
 
 
+def _span(q) -> str:
+    return f"{q[0]:.2f} / {q[1]:.2f} / {q[2]:.2f}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
@@ -35,6 +43,11 @@ def main() -> int:
         case.calls["copy"] = bench.copy_call(n_rows, n_cols, torch.float32, "cpu")
         times = bench.time_case(case, args.repeats)
         med = {p: statistics.median(t) for p, t in times.items()}
+        per_rep = {
+            "speedup_over_torch": [t / f for t, f in zip(times["torch"], times["fastsoftmax"])],
+            "fraction_of_copy_speed": [c / f for c, f in zip(times["copy"], times["fastsoftmax"])],
+        }
+        quartiles = {k: statistics.quantiles(v, n=4) for k, v in per_rep.items()}
         figure = {
             "op": op,
             "shape": [n_rows, n_cols],
@@ -42,12 +55,14 @@ def main() -> int:
             "median_ms": {p: s * 1e3 for p, s in med.items()},
             "speedup_over_torch": med["torch"] / med["fastsoftmax"],
             "fraction_of_copy_speed": med["copy"] / med["fastsoftmax"],
+            "per_repetition_quartiles": quartiles,
         }
         figures.append(figure)
         print(
             f"{op} {n_rows}x{n_cols}: torch {med['torch'] * 1e3:.2f} ms, fastsoftmax {med['fastsoftmax'] * 1e3:.2f} ms, "
             f"copy {med['copy'] * 1e3:.2f} ms -> {figure['speedup_over_torch']:.2f}x torch, "
-            f"{figure['fraction_of_copy_speed']:.2f} of copy speed ({goal})",
+            f"{figure['fraction_of_copy_speed']:.2f} of copy speed ({goal}); per-repetition quartiles: "
+            f"{_span(quartiles['speedup_over_torch'])}x torch, {_span(quartiles['fraction_of_copy_speed'])} of copy",
             flush=True,
         )
     if args.out:

@@ -11,6 +11,8 @@ thread often runs slower than the other, the faster one then takes more
 rows instead of waiting for the slower one at the end.
 """
 
+import math
+
 import numba
 import numpy as np
 import torch
@@ -60,16 +62,16 @@ def _queue(n_rows: int, n_cols: int, workers: int) -> np.ndarray:
     return np.array([0, per_claim, workers], dtype=np.int64)
 
 
-def _launch(kernel, n_rows: int, n_cols: int, *args, workers: int | None = None) -> None:
-    """Run ``kernel`` (its serial twin for one worker) with a fresh work queue as its last argument."""
+def _launch(kernel, n_rows: int, n_cols: int, *args, workers: int | None = None, last: tuple = ()) -> None:
+    """Run ``kernel`` (its serial twin for one worker) on ``args``, a fresh work queue, then ``last``."""
     workers = _workers(n_rows, n_cols) if workers is None else workers
     queue = _queue(n_rows, n_cols, workers)
     if workers == 1:
-        return kernel[False](*args, queue)
+        return kernel[False](*args, queue, *last)
     # one loop iteration per chunk, so that no thread runs two workers
     previous = numba.set_parallel_chunksize(1)
     try:
-        kernel[True](*args, queue)
+        kernel[True](*args, queue, *last)
     finally:
         numba.set_parallel_chunksize(previous)
 
@@ -97,6 +99,48 @@ def softmax_forward(x, y, log: bool) -> None:
 def softmax_backward(y, dy, dx, log: bool) -> None:
     kernel = cpu.log_softmax_backward if log else cpu.softmax_backward
     _launch(kernel, *y.shape, _np(y), _np(dy), _np(dx))
+
+
+# --- softmax over a middle axis ---------------------------------------------------
+
+
+def middle_shape(x: torch.Tensor, dim: int):
+    """``(outer, C, inner)`` when the middle-axis kernels should reduce ``dim`` of ``x`` in place, else None.
+
+    They are used when ``dim`` is not last, moving it last would copy (so not
+    for, say, a channels-last tensor and ``dim=1``, whose classes are already
+    stored last), and there are at least :data:`config.CPU_MIDDLE_MIN_INNER`
+    inner positions to vectorise over.
+    """
+    if dim == x.ndim - 1 or x.movedim(dim, -1).is_contiguous():
+        return None
+    inner = math.prod(x.shape[dim + 1 :])
+    if inner < config.CPU_MIDDLE_MIN_INNER:
+        return None
+    return math.prod(x.shape[:dim]), x.shape[dim], inner
+
+
+def _launch_middle(kernel, log: bool, first: torch.Tensor, *tensors) -> None:
+    """Run a middle-axis kernel over ``(O, C, I)`` tensors, with its scratch, a work queue and ``log``."""
+    n_outer, n_classes, n_inner = first.shape
+    a = _np(first)
+    width = config.CPU_MIDDLE_BLOCK_BYTES // (2 * n_classes * a.itemsize)
+    width = min(n_inner, max(16, width // 16 * 16))
+    n_items = n_outer * -(-n_inner // width)
+    workers = _workers(n_items, n_classes * width)
+    scratch = np.empty((workers, 2, width), dtype=a.dtype)
+    totals = np.empty((workers, width), dtype=np.float64)
+    args = (a, *(_np(t) for t in tensors), scratch, totals)
+    _launch(kernel, n_items, n_classes * width, *args, workers=workers, last=(log,))
+
+
+def softmax_forward_middle(x, y, log: bool) -> None:
+    """Softmax (or log-softmax) over the middle axis of contiguous ``(O, C, I)`` tensors."""
+    _launch_middle(cpu.softmax_forward_middle, log, x, y)
+
+
+def softmax_backward_middle(y, dy, dx, log: bool) -> None:
+    _launch_middle(cpu.softmax_backward_middle, log, y, dy, dx)
 
 
 def _scale(denom: float, reduction: str) -> float:

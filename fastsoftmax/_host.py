@@ -5,7 +5,9 @@ compute dtype with the reduced dimension last. This module brings any tensor
 to that layout (``movedim`` + ``contiguous``: a copy only when the reduced
 dimension is not already last and dense), picks the backend by device, and
 returns results in the caller's dtype. Softmax outputs are contiguous, as
-PyTorch's are; when the reduced dimension was not last that costs a copy
+PyTorch's are. On the CPU a reduced dimension that is not last, with enough
+positions after it, goes to kernels that reduce it in place (an ``(outer, C,
+inner)`` view, no copies); otherwise it is moved last, and the result copied
 back from the rows-last buffer the kernels wrote. The cross-entropy gradient
 stays a permuted view of that buffer (autograd lays ``.grad`` out itself).
 """
@@ -63,12 +65,25 @@ def raise_bad_target(value: int, position: int, n_classes: int, ignore_index: in
 # --- softmax and log_softmax -------------------------------------------------
 
 
+def _middle_shape(be, x: torch.Tensor, dim: int):
+    """The ``(outer, C, inner)`` view for the backend's middle-axis kernels, or None (see ``_cpu_backend.middle_shape``)."""
+    middle_shape = getattr(be, "middle_shape", None)
+    return None if middle_shape is None else middle_shape(x, dim)
+
+
 def softmax_forward(x: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
     """softmax (or log_softmax) of ``x`` along ``dim``; ``dim`` already in range."""
     if x.ndim == 0:
         return softmax_forward(x.reshape(1), 0, log).reshape(())
     be = backend(x)
     compute = be.compute_dtype(x.dtype)
+    middle = _middle_shape(be, x, dim)
+    if middle is not None:
+        xc = to_dtype(x, compute).contiguous()
+        y = be.empty(x.shape, compute, x.device)
+        if x.numel():
+            be.softmax_forward_middle(xc.view(middle), y.view(middle), log)
+        return to_dtype(y, x.dtype)
     xr = rows_last(x, dim, compute)
     y = be.empty(xr.shape, compute, x.device)
     if xr.numel():
@@ -84,6 +99,13 @@ def softmax_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, log: bool) -> 
         return softmax_backward(y.reshape(1), dy.reshape(1), 0, log).reshape(())
     be = backend(y)
     compute = be.compute_dtype(y.dtype)
+    middle = _middle_shape(be, y, dim)
+    if middle is not None:
+        yc, dyc = (to_dtype(t, compute).contiguous() for t in (y, dy))
+        dx = be.empty(y.shape, compute, y.device)
+        if y.numel():
+            be.softmax_backward_middle(yc.view(middle), dyc.view(middle), dx.view(middle), log)
+        return to_dtype(dx, y.dtype)
     yr = rows_last(y, dim, compute)
     dyr = rows_last(dy, dim, compute)
     dx = be.empty(yr.shape, compute, y.device)

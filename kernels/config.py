@@ -35,6 +35,17 @@ CPU_MIN_CLAIM_ELEMENTS = 1 << 14
 #: 160 ms). Read when the kernels are compiled.
 CPU_PREFETCH_ROWS = 1
 
+#: Softmax over a dimension that is not last (dim 1 of NCHW, say) runs the
+#: middle-axis kernels, with no copies, when at least this many elements lie
+#: after that dimension: they vectorise along those. With fewer, the
+#: dimension is moved last (a copy in and a copy out) for the row kernels.
+CPU_MIDDLE_MIN_INNER = 16
+
+#: The middle-axis kernels work on blocks of C classes x W inner positions,
+#: W chosen so that the block of input and output (2 x C x W elements) is
+#: about this many bytes, which stay in L2 between the kernel's sweeps over C.
+CPU_MIDDLE_BLOCK_BYTES = 512 << 10
+
 #: Outputs of at least this many bytes are written with non-temporal stores
 #: (no read of the destination into the cache first). Below it the output
 #: fits the last-level cache, where the next op will look for it.

@@ -18,6 +18,20 @@ from numba import njit
 F32_MAX = float(torch.finfo(torch.float32).max)
 
 
+def _along(op, x, layout):
+    """``op`` over the rows of a 2-D ``x``: along dim 1 (the row kernels), or with
+    each row laid along the middle axis of a ``(1, C, inner)`` tensor (the
+    middle-axis kernels; inner >= 16 positions, the rows repeated)."""
+    if layout == "rows":
+        return op(x, 1)
+    reps = -(-16 // x.shape[0])
+    y = op(x.t().repeat(1, reps).unsqueeze(0), 1)
+    return y[0, :, : x.shape[0]].t()
+
+
+LAYOUTS = ["rows", "middle"]
+
+
 def _reference(op, x, dim=1):
     ref = TF.softmax if op is fastsoftmax.softmax else TF.log_softmax
     return ref(x.double(), dim)
@@ -34,9 +48,10 @@ EXTREME_ROWS = {
 
 @pytest.mark.parametrize("op", [fastsoftmax.softmax, fastsoftmax.log_softmax], ids=["softmax", "log_softmax"])
 @pytest.mark.parametrize("case", list(EXTREME_ROWS))
-def test_extreme_logits_are_exact_and_naive_fails(op, case):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_extreme_logits_are_exact_and_naive_fails(op, case, layout):
     x = EXTREME_ROWS[case]()
-    y = op(x, 1)
+    y = _along(op, x, layout)
     ref = _reference(op, x)
     # finite wherever the exact result is representable (log_softmax of -3e38
     # next to 3.4e38 is -6.4e38: -inf in float32, in torch as in float64 rounding)
@@ -77,16 +92,24 @@ def test_cross_entropy_never_takes_log_of_zero():
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-def test_minus_inf_masks_give_zero_probability_and_finite_gradients(dtype):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_minus_inf_masks_give_zero_probability_and_finite_gradients(dtype, layout):
     x = randn(16, 40, dtype=dtype)
     x[:, ::3] = float("-inf")
     xs = x.detach().requires_grad_()
-    y = fastsoftmax.softmax(xs, 1)
+    y = _along(fastsoftmax.softmax, xs, layout)
     assert (y[:, ::3] == 0).all()
     assert_close(y, TF.softmax(x.double(), 1), dtype)
     y.backward(randn(16, 40, dtype=dtype))
     assert torch.isfinite(xs.grad).all() and (xs.grad[:, ::3] == 0).all()
-    lp = fastsoftmax.log_softmax(x, 1)
+    xl = x.detach().requires_grad_()
+    lp = _along(fastsoftmax.log_softmax, xl, layout)
+    g = randn(16, 40, dtype=dtype)
+    lp.backward(g)
+    assert torch.isfinite(xl.grad).all()  # dy - exp(y) * sum(dy): dy itself where masked
+    y64, g64 = lp.detach().double(), g.double()  # the formula, applied to the output we returned
+    assert_close(xl.grad, g64 - y64.exp() * g64.sum(1, keepdim=True), dtype)
+    lp = lp.detach()
     assert torch.isneginf(lp[:, ::3]).all() and torch.isfinite(lp[:, 1::3]).all()
     # cross-entropy with masked classes, targets on unmasked ones
     xc = x.detach().requires_grad_()
@@ -97,10 +120,11 @@ def test_minus_inf_masks_give_zero_probability_and_finite_gradients(dtype):
 
 
 @pytest.mark.parametrize("op", [fastsoftmax.softmax, fastsoftmax.log_softmax], ids=["softmax", "log_softmax"])
-def test_nan_stays_in_its_row(op):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_nan_stays_in_its_row(op, layout):
     x = randn(5, 33, dtype=torch.float32)
     x[2, 7] = float("nan")
-    y = op(x, 1)
+    y = _along(op, x, layout)
     assert torch.isnan(y[2]).all()
     mask = torch.arange(5) != 2
     assert torch.isfinite(y[mask]).all()
@@ -117,10 +141,11 @@ def test_nan_logit_stays_in_its_cross_entropy_row():
     assert torch.isnan(x.grad[3]).all() and torch.isfinite(x.grad[[0, 1, 2, 4]]).all()
 
 
-def test_rows_of_only_minus_inf_or_plus_inf_match_torch():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_rows_of_only_minus_inf_or_plus_inf_match_torch(layout):
     x = torch.tensor([[float("-inf")] * 4, [float("inf"), 0.0, 1.0, 2.0], [0.0, 1.0, 2.0, 3.0]])
-    torch.testing.assert_close(fastsoftmax.softmax(x, 1), torch.softmax(x, 1), equal_nan=True)
-    torch.testing.assert_close(fastsoftmax.log_softmax(x, 1), torch.log_softmax(x, 1), equal_nan=True)
+    torch.testing.assert_close(_along(fastsoftmax.softmax, x, layout), torch.softmax(x, 1), equal_nan=True)
+    torch.testing.assert_close(_along(fastsoftmax.log_softmax, x, layout), torch.log_softmax(x, 1), equal_nan=True)
 
 
 def _apply(fn):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as TF
-from helpers import FLOAT_DTYPES, assert_close, randn
+from helpers import FLOAT_DTYPES, assert_close, backward_reference, randn
 
 import fastsoftmax
 from fastsoftmax.kernels import config
@@ -16,7 +16,11 @@ SHAPES = [
     ((5, 13), 1),  # odd width: all scalar loop remainders
     ((64, 1000), 1),  # non power of two, vector body + remainder
     ((3, 40000), -1),  # wide rows, parallel path, row larger than L1
-    ((4, 5, 6), 1),  # 3-D, middle dim: moved to last and back
+    ((4, 5, 6), 1),  # 3-D, middle dim, 6 inner positions: moved to last and back
+    ((3, 7, 40), 1),  # middle dim, 40 inner positions: the middle-axis kernels, serial
+    ((2, 300, 33), 1),  # middle axis of 300 classes: many blocks of partial sums
+    ((2, 1000, 300), 1),  # middle axis, parallel, inner blocks of 64 and an uneven last one
+    ((3, 40000), 0),  # first dim of a wide 2-D tensor: middle-axis kernels, inner of 40000
     ((2, 3, 4, 5), 0),  # 4-D, first dim
     ((2, 3, 4, 5), -1),  # 4-D, last dim
     ((11,), 0),  # 1-D
@@ -33,27 +37,11 @@ def test_forward_backward_against_float64(op, ref, shape, dim, dtype):
     x = randn(*shape, dtype=dtype).requires_grad_()
     y = op(x, dim)
     assert y.dtype == dtype and y.shape == x.shape
-    x64 = x.detach().double().requires_grad_()
-    y64 = ref(x64, dim)
-    assert_close(y, y64, dtype)
+    assert_close(y, ref(x.detach().double(), dim), dtype)
     dy = randn(*shape, dtype=dtype)
     (dx,) = torch.autograd.grad(y, x, dy)
-    if dtype in (torch.float16, torch.bfloat16):
-        # The backward receives the forward output rounded to half precision
-        # (as torch's does); the reference applies the float64 formula to it.
-        dx64 = _backward_formula(op, y.detach().double(), dy.double(), dim)
-    else:
-        (dx64,) = torch.autograd.grad(y64, x64, dy.double())
     assert dx.dtype == dtype
-    assert_close(dx, dx64, dtype)
-
-
-def _backward_formula(op, y, dy, dim):
-    if y.ndim == 0:
-        return torch.zeros_like(y)
-    if op is fastsoftmax.softmax:
-        return y * (dy - (dy * y).sum(dim, keepdim=True))
-    return dy - y.exp() * dy.sum(dim, keepdim=True)
+    assert_close(dx, backward_reference(op is fastsoftmax.log_softmax, y, dy, dim), dtype)
 
 
 @pytest.mark.parametrize("op,ref", OPS, ids=OP_IDS)
@@ -108,13 +96,32 @@ def test_implicit_dim_warns_and_matches_torch(op, ref):
 
 
 @pytest.mark.parametrize("op", [fastsoftmax.softmax, fastsoftmax.log_softmax], ids=OP_IDS)
-def test_serial_and_parallel_kernels_agree(op, monkeypatch):
-    x = randn(300, 257, dtype=torch.float32)
-    monkeypatch.setattr(config, "CPU_PARALLEL_MIN_ELEMENTS", 1 << 62)
-    serial = op(x, 1)
+@pytest.mark.parametrize("shape,dim", [((300, 257), 1), ((6, 257, 50), 1)], ids=["rows", "middle"])
+def test_serial_and_parallel_kernels_agree(op, shape, dim, monkeypatch):
+    x = randn(*shape, dtype=torch.float32).requires_grad_()
+    g = randn(*shape, dtype=torch.float32)
+    results = []
+    for threshold in (1 << 62, 0):
+        monkeypatch.setattr(config, "CPU_PARALLEL_MIN_ELEMENTS", threshold)
+        y = op(x, dim)
+        results.append((y, *torch.autograd.grad(y, x, g)))
+    for serial, parallel in zip(*results):
+        torch.testing.assert_close(serial, parallel, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op,ref", OPS, ids=OP_IDS)
+@pytest.mark.parametrize("block_bytes", [1, 4096, 1 << 30], ids=["16-wide", "mid", "one-block"])
+def test_middle_axis_blocks_of_any_width(op, ref, block_bytes, monkeypatch):
+    """The inner positions split into blocks of 16, of a few dozen, or all in one: same result."""
+    monkeypatch.setattr(config, "CPU_MIDDLE_BLOCK_BYTES", block_bytes)
     monkeypatch.setattr(config, "CPU_PARALLEL_MIN_ELEMENTS", 0)
-    parallel = op(x, 1)
-    torch.testing.assert_close(serial, parallel, rtol=0, atol=0)
+    x = randn(3, 29, 70, dtype=torch.float64).requires_grad_()
+    g = randn(3, 29, 70, dtype=torch.float64)
+    y = op(x, 1)
+    x64 = x.detach().requires_grad_()
+    y64 = ref(x64, 1)
+    assert_close(y, y64)
+    assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y64, x64, g)[0])
 
 
 def test_softmax_rows_sum_to_one_and_shift_invariant():
