@@ -19,7 +19,7 @@ SHAPES = [
     ((4, 5, 6), 1),  # 3-D, middle dim, 6 inner positions: moved to last and back
     ((3, 7, 40), 1),  # middle dim, 40 inner positions: the middle-axis kernels, serial
     ((2, 300, 33), 1),  # middle axis of 300 classes: many blocks of partial sums
-    ((2, 1000, 300), 1),  # middle axis, parallel, inner blocks of 64 and an uneven last one
+    ((2, 1000, 300), 1),  # middle axis, parallel, inner blocks of 256 and an uneven last one
     ((3, 40000), 0),  # first dim of a wide 2-D tensor: middle-axis kernels, inner of 40000
     ((2, 3, 4, 5), 0),  # 4-D, first dim
     ((2, 3, 4, 5), -1),  # 4-D, last dim
