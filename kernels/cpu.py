@@ -323,6 +323,19 @@ def _log_softmax_backward(y, dy, dx, queue):
             lo, hi = _claim(queue, y.shape[0])
 
 
+@njit(inline="always", **_OPTIONS)
+def _grad_row(scratch, grad, w, i):
+    """Where worker ``w`` builds row ``i``'s gradient: its scratch row (streamed out after), the gradient row, or an empty row when no gradient is wanted.
+
+    The empty row is cut from ``scratch``, not from the logits: were it, LLVM
+    would take the stores into the row as possibly writing the logits, and
+    leave the exp loop of the serial twin scalar (4x slower).
+    """
+    if grad.shape[0] == 0:
+        return scratch[w, :0]
+    return scratch[w] if scratch.shape[1] > 0 else grad[i]
+
+
 def _cross_entropy_index(x, target, weight, ignore_index, eps, scale, loss, grad, scratch, queue):
     """Fused cross-entropy with class-index targets: loss and gradient in one sweep.
 
@@ -339,10 +352,6 @@ def _cross_entropy_index(x, target, weight, ignore_index, eps, scale, loss, grad
     want_grad = grad.shape[0] > 0
     w_sum = _dot(weight, weight[:0]) if has_w else float(C)
     stream = scratch.shape[1] > 0
-    # an empty row not cut from x: were it, LLVM would take the stores into
-    # ``buf`` (a phi of it, a grad row and a scratch row) as possibly writing
-    # x, and leave the exp loop of the serial twin scalar (4x slower)
-    no_store = scratch[0, :0]
     for w in prange(queue[_WORKERS]):
         lo, hi = _claim(queue, R)
         while lo < hi:
@@ -354,7 +363,7 @@ def _cross_entropy_index(x, target, weight, ignore_index, eps, scale, loss, grad
                         grad[i, :] = 0
                     continue
                 xr = x[i]
-                buf = (scratch[w] if stream else grad[i]) if want_grad else no_store
+                buf = _grad_row(scratch, grad, w, i)
                 m = _row_max(xr)
                 s = _exp_sum(xr, m, buf, _next_row(x, i))
                 sum_wd = _gap_dot(xr, m, weight) if eps > 0.0 else 0.0
@@ -391,17 +400,13 @@ def _cross_entropy_prob(x, q, weight, eps, scale, loss, grad, scratch, queue):
     keep = 1.0 - eps
     spread = eps / C
     stream = scratch.shape[1] > 0
-    # an empty row not cut from x: were it, LLVM would take the stores into
-    # ``buf`` (a phi of it, a grad row and a scratch row) as possibly writing
-    # x, and leave the exp loop of the serial twin scalar (4x slower)
-    no_store = scratch[0, :0]
     for w in prange(queue[_WORKERS]):
         lo, hi = _claim(queue, R)
         while lo < hi:
             for i in range(lo, hi):
                 xr = x[i]
                 qr = q[i]
-                buf = (scratch[w] if stream else grad[i]) if want_grad else no_store
+                buf = _grad_row(scratch, grad, w, i)
                 m = _row_max(xr)
                 s = _exp_sum(xr, m, buf, _next_row(x, i))
                 a_sum, sum_ad = _target_sums(xr, m, qr, weight, keep, spread)
