@@ -1,4 +1,4 @@
-"""Softmax over a dimension that is not last (dim 1 of NCHW, say): torch against fastsoftmax.
+"""Softmax, and cross-entropy, over a dimension that is not last (dim 1 of NCHW, say): torch against fastsoftmax.
 
     .venv/bin/python benchmarks/middle_axis.py [--repeats 15] [--out FILE]
 
@@ -6,7 +6,9 @@ These shapes run the middle-axis kernels (``kernels/cpu.py``), which reduce
 the dimension in place instead of moving it last and back. Providers are
 interleaved within each repetition (``fastsoftmax.bench.time_case``), with a
 plain copy of the input as the bandwidth yardstick; each figure is a ratio of
-medians from one run. Forward+backward is ``y = f(x); y.backward(dy)``.
+medians from one run. Forward+backward is ``y = f(x); y.backward(dy)``;
+for cross-entropy, ``f(x, target).backward()`` with class-index targets of
+shape (N, d1, ...), every 7th ignored.
 """
 
 import argparse
@@ -24,6 +26,24 @@ SHAPES = [
     ((1000, 4096), 0),  # the first dim of a matrix
     ((8, 64, 64, 256), 2),  # attention-like scores, softmax over the query dim
 ]
+
+CE_SHAPES = [(16, 21, 128, 128), (8, 150, 64, 64), (4, 1000, 14, 14)]
+
+
+def _ce_calls(shape) -> dict:
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g) * 3).requires_grad_()
+    target = torch.randint(0, shape[1], shape[:1] + shape[2:], generator=g)
+    target.view(-1)[::7] = -100
+    calls = {}
+    for provider, f in (("torch", torch.nn.functional.cross_entropy), ("fastsoftmax", fastsoftmax.cross_entropy)):
+
+        def fwd_bwd(f=f):
+            f(x, target).backward()
+            x.grad = None
+
+        calls[provider] = fwd_bwd
+    return calls
 
 
 def _calls(shape, dim, op: str) -> dict:
@@ -67,6 +87,17 @@ def main() -> int:
                 f"({row['speedup_over_torch fwd+bwd']:.2f}x)",
                 flush=True,
             )
+    for shape in CE_SHAPES:
+        case = bench.Case("cross_entropy_fwd_bwd", 0, 0, torch.float32, "cpu", calls=_ce_calls(shape))
+        med = {p: statistics.median(t) for p, t in bench.time_case(case, args.repeats).items()}
+        row = {"op": "cross_entropy", "shape": list(shape), "dim": 1, "median_ms": {p: s * 1e3 for p, s in med.items()}}
+        row["speedup_over_torch fwd+bwd"] = med["torch"] / med["fastsoftmax"]
+        rows.append(row)
+        print(
+            f"cross_entropy {tuple(shape)} dim=1: fwd+bwd torch {med['torch'] * 1e3:.2f} ms, "
+            f"ours {med['fastsoftmax'] * 1e3:.2f} ms ({row['speedup_over_torch fwd+bwd']:.2f}x)",
+            flush=True,
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"machine": bench.machine(), "repeats": args.repeats, "figures": rows}, f, indent=1)

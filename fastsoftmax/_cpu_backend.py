@@ -120,27 +120,28 @@ def middle_shape(x: torch.Tensor, dim: int):
     return math.prod(x.shape[:dim]), x.shape[dim], inner
 
 
-def _launch_middle(kernel, log: bool, first: torch.Tensor, *tensors) -> None:
-    """Run a middle-axis kernel over ``(O, C, I)`` tensors, with its scratch, a work queue and ``log``."""
-    n_outer, n_classes, n_inner = first.shape
-    a = _np(first)
-    width = config.CPU_MIDDLE_BLOCK_BYTES // (2 * n_classes * a.itemsize)
+def _launch_middle(kernel, x: np.ndarray, *args, scratch_rows: int = 2, last: tuple = ()) -> None:
+    """Run a middle-axis kernel on ``x`` (O, C, I) and ``args``, then its scratch, a work queue and ``last``.
+
+    Scratch: ``(workers, scratch_rows, W)`` in ``x``'s dtype and ``(workers, 2, W)`` float64.
+    """
+    n_outer, n_classes, n_inner = x.shape
+    width = config.CPU_MIDDLE_BLOCK_BYTES // (2 * n_classes * x.itemsize)
     width = min(n_inner, max(16, width // 16 * 16))
     n_items = n_outer * -(-n_inner // width)
     workers = _workers(n_items, n_classes * width)
-    scratch = np.empty((workers, 2, width), dtype=a.dtype)
-    totals = np.empty((workers, width), dtype=np.float64)
-    args = (a, *(_np(t) for t in tensors), scratch, totals)
-    _launch(kernel, n_items, n_classes * width, *args, workers=workers, last=(log,))
+    scratch = np.empty((workers, scratch_rows, width), dtype=x.dtype)
+    totals = np.empty((workers, 2, width), dtype=np.float64)
+    _launch(kernel, n_items, n_classes * width, x, *args, scratch, totals, workers=workers, last=last)
 
 
 def softmax_forward_middle(x, y, log: bool) -> None:
     """Softmax (or log-softmax) over the middle axis of contiguous ``(O, C, I)`` tensors."""
-    _launch_middle(cpu.softmax_forward_middle, log, x, y)
+    _launch_middle(cpu.softmax_forward_middle, _np(x), _np(y), last=(log,))
 
 
 def softmax_backward_middle(y, dy, dx, log: bool) -> None:
-    _launch_middle(cpu.softmax_backward_middle, log, y, dy, dx)
+    _launch_middle(cpu.softmax_backward_middle, _np(y), _np(dy), _np(dx), last=(log,))
 
 
 def _scale(denom: float, reduction: str) -> float:
@@ -163,6 +164,22 @@ def cross_entropy_index(x, target, weight, ignore_index, eps, reduction, loss, g
     if x.shape[0]:
         args = (xn, tn, w, ignore_index, eps, _scale(denom, reduction), _np(loss), _np(grad))
         _launch_forward(cpu.cross_entropy_index, x, *args)
+    return denom
+
+
+def cross_entropy_index_middle(x, target, weight, ignore_index, eps, reduction, loss, grad) -> float:
+    """:func:`cross_entropy_index` for logits ``(O, C, I)`` reduced over the middle axis, targets and loss ``(O, I)``."""
+    xn = _np(x)
+    tn = _np(target)
+    w = _weight(weight, xn)
+    bad, denom, _ = cpu.check_targets(tn.reshape(-1), x.shape[1], ignore_index, w)
+    if bad >= 0:
+        from ._host import raise_bad_target
+
+        raise_bad_target(int(tn.reshape(-1)[bad]), bad, x.shape[1], ignore_index)
+    if x.numel():
+        args = (tn, w, ignore_index, eps, _scale(denom, reduction), _np(loss), _np(grad))
+        _launch_middle(cpu.cross_entropy_index_middle, xn, *args, scratch_rows=5)
     return denom
 
 

@@ -8,8 +8,11 @@ returns results in the caller's dtype. Softmax outputs are contiguous, as
 PyTorch's are. On the CPU a reduced dimension that is not last, with enough
 positions after it, goes to kernels that reduce it in place (an ``(outer, C,
 inner)`` view, no copies); otherwise it is moved last, and the result copied
-back from the rows-last buffer the kernels wrote. The cross-entropy gradient
-stays a permuted view of that buffer (autograd lays ``.grad`` out itself).
+back from the rows-last buffer the kernels wrote. Cross-entropy on
+``(N, C, d1, ...)`` logits with class indices takes the middle-axis kernel
+on the CPU too (gradient laid out like the input); otherwise its gradient
+stays a permuted view of the rows-last buffer (autograd lays ``.grad`` out
+itself).
 """
 
 import torch
@@ -160,7 +163,38 @@ def ce_grad_fake(input: torch.Tensor, compute_grad: bool) -> torch.Tensor:
     compute = backend(input).compute_dtype(input.dtype)
     if not compute_grad:
         return input.new_empty((0,), dtype=compute)
+    if input.ndim > 2 and _middle_shape(backend(input), input, 1) is not None:
+        return input.new_empty(input.shape, dtype=compute)  # the middle-axis kernel's layout
     return empty_moved(input, 0 if input.ndim == 1 else 1, compute)
+
+
+def _ce_reduce(loss_rows, loss_shape, reduction: str, denom: float, squeeze: bool, dtype) -> torch.Tensor:
+    """The per-element losses (float64) reduced as ``reduction`` asks, in ``dtype``."""
+    if reduction == "none":
+        loss = loss_rows.view(loss_shape)
+        if squeeze:
+            loss = loss.reshape(())
+    elif reduction == "sum":
+        loss = loss_rows.sum()
+    else:
+        loss = loss_rows.sum() / denom  # 0 / 0 = NaN when every target is ignored, as in torch
+    return to_dtype(loss, dtype)
+
+
+def _cross_entropy_middle(be, input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, middle, compute):
+    """:func:`cross_entropy_forward` for ``(N, C, d1, ...)`` logits and class indices, reduced over C in place.
+
+    No copy of the logits into rows, and the gradient comes back laid out like ``input``.
+    """
+    n_outer, n_classes, n_inner = middle
+    x3 = to_dtype(input, compute).contiguous().view(middle)
+    t2 = to_dtype(target, torch.int64).contiguous().view(n_outer, n_inner)
+    w = rows_last(weight, 0, compute) if weight is not None else None
+    loss2 = be.empty((n_outer, n_inner), torch.float64, input.device)
+    grad = be.empty(input.shape if compute_grad else (0, n_classes), compute, input.device)
+    grad3 = grad.view(middle) if compute_grad else grad.view(0, n_classes, 1).expand(0, n_classes, n_inner)
+    denom = be.cross_entropy_index_middle(x3, t2, w, ignore_index, label_smoothing, reduction, loss2, grad3)
+    return _ce_reduce(loss2.view(-1), target.shape, reduction, denom, False, input.dtype), grad
 
 
 def cross_entropy_forward(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad):
@@ -173,6 +207,11 @@ def cross_entropy_forward(input, target, weight, ignore_index, reduction, label_
     """
     be = backend(input)
     compute = be.compute_dtype(input.dtype)
+    if input.ndim > 2 and not is_prob_target(input, target):
+        middle = _middle_shape(be, input, 1)
+        if middle is not None:
+            args = (ignore_index, reduction, label_smoothing, compute_grad, middle, compute)
+            return _cross_entropy_middle(be, input, target, weight, *args)
     squeeze = input.ndim == 1
     if squeeze:
         input, target = input.unsqueeze(0), target.unsqueeze(0)
@@ -191,15 +230,7 @@ def cross_entropy_forward(input, target, weight, ignore_index, reduction, label_
         t = to_dtype(target.reshape(-1), torch.int64)
         denom = be.cross_entropy_index(x2, t, w, ignore_index, label_smoothing, reduction, loss_rows, grad)
         loss_shape = target.shape
-    if reduction == "none":
-        loss = loss_rows.view(loss_shape)
-        if squeeze:
-            loss = loss.reshape(())
-    elif reduction == "sum":
-        loss = loss_rows.sum()
-    else:
-        loss = loss_rows.sum() / denom  # 0 / 0 = NaN when every target is ignored, as in torch
-    loss = to_dtype(loss, input.dtype)
+    loss = _ce_reduce(loss_rows, loss_shape, reduction, denom, squeeze, input.dtype)
     if compute_grad:
         grad = grad.view(xr.shape)
         grad = grad.squeeze(0) if squeeze else grad.movedim(-1, 1)

@@ -450,8 +450,8 @@ def _scale_rows(src, factor, out, queue):
 # of W inner positions at a time, SIMD along the block, and the block (C x W
 # elements of input and output) stays in cache between the sweeps (see
 # config.CPU_MIDDLE_BLOCK_BYTES). A work item is one block of one outer
-# index. Scratch per worker: ``(2, W)`` in the input dtype (the block's
-# maxima and its partial sums) and ``W`` float64 sums.
+# index. Scratch per worker: rows of W in the input dtype (the block's
+# maxima, partial sums, coefficients) and two rows of W float64 sums.
 #
 # Each lane of a partial sum here adds classes one after another, so the
 # partial sums span fewer terms than the row kernels' (whose SIMD lanes and
@@ -543,7 +543,7 @@ def _softmax_forward_middle(x, y, scratch, totals, queue, log):
         while lo < hi:
             for item in range(lo, hi):
                 o, i0, i1 = _middle_item(item, n_blocks, width, n_inner)
-                m, k, total = scratch[w, 0, : i1 - i0], scratch[w, 1, : i1 - i0], totals[w, : i1 - i0]
+                m, k, total = scratch[w, 0, : i1 - i0], scratch[w, 1, : i1 - i0], totals[w, 0, : i1 - i0]
                 _middle_max(x[o], i0, i1, m)
                 _middle_exp_sum(x[o], i0, i1, m, y[o, :0] if log else y[o], k, total)
                 if log:
@@ -575,7 +575,7 @@ def _softmax_backward_middle(y, dy, dx, scratch, totals, queue, log):
         while lo < hi:
             for item in range(lo, hi):
                 o, i0, i1 = _middle_item(item, n_blocks, width, n_inner)
-                d, total = scratch[w, 1, : i1 - i0], totals[w, : i1 - i0]
+                d, total = scratch[w, 1, : i1 - i0], totals[w, 0, : i1 - i0]
                 _middle_dot(dy[o], dy[o, :0] if log else y[o], i0, i1, total)
                 for i in range(d.shape[0]):
                     d[i] = cast_like(total[i], d)
@@ -590,6 +590,71 @@ def _softmax_backward_middle(y, dy, dx, scratch, totals, queue, log):
             lo, hi = _claim(queue, n_outer * n_blocks)
 
 
+def _cross_entropy_index_middle(x, target, weight, ignore_index, eps, scale, loss, grad, scratch, totals, queue):
+    """Fused cross-entropy over the middle axis: logits ``x`` (O, C, I), class indices ``target`` (O, I).
+
+    The loss of :func:`_cross_entropy_index` for every position ``(o, i)``,
+    written to ``loss`` (O, I), and, when ``grad`` has rows, its gradient
+    (O, C, I), laid out like ``x``. Blocks of W positions as in
+    :func:`_softmax_forward_middle`; scratch ``(workers, 5, W)``: maxima,
+    partial sums, and per position the factor of ``exp(x - m)``, the factor
+    of ``w_c`` and the one-hot term of the gradient.
+    """
+    n_outer, n_classes, n_inner = x.shape
+    has_w = weight.shape[0] > 0
+    want_grad = grad.shape[0] > 0
+    w_sum = _dot(weight, weight[:0]) if has_w else float(n_classes)
+    width = scratch.shape[2]
+    n_blocks = (n_inner + width - 1) // width
+    for w in prange(queue[_WORKERS]):
+        lo, hi = _claim(queue, n_outer * n_blocks)
+        while lo < hi:
+            for item in range(lo, hi):
+                o, i0, i1 = _middle_item(item, n_blocks, width, n_inner)
+                m, part = scratch[w, 0, : i1 - i0], scratch[w, 1, : i1 - i0]
+                k_exp, k_w, k_hot = scratch[w, 2, : i1 - i0], scratch[w, 3, : i1 - i0], scratch[w, 4, : i1 - i0]
+                s, sum_wd = totals[w, 0, : i1 - i0], totals[w, 1, : i1 - i0]
+                xs = x[o]
+                _middle_max(xs, i0, i1, m)
+                _middle_exp_sum(xs, i0, i1, m, grad[o] if want_grad else xs[:0], part, s)
+                sum_wd[:] = 0.0
+                if eps > 0.0:
+                    for c in range(n_classes):
+                        xr = xs[c, i0:i1]
+                        w_c = weight[c] if has_w else 1.0
+                        for i in range(sum_wd.shape[0]):
+                            sum_wd[i] += w_c * (np.float64(m[i]) - np.float64(xr[i]))
+                for i in range(m.shape[0]):
+                    t = target[o, i0 + i]
+                    if t == ignore_index:
+                        loss[o, i0 + i] = 0.0
+                        k_exp[i] = 0
+                        k_w[i] = 0
+                        continue
+                    w_t = weight[t] if has_w else 1.0
+                    loss[o, i0 + i] = ce_index_loss(m[i], math.log(s[i]), xs[t, i0 + i], w_t, sum_wd[i], w_sum, eps, n_classes)
+                    ke, kw, kh = ce_index_grad_coeffs(s[i], w_t, w_sum, eps, n_classes, scale)
+                    k_exp[i] = cast_like(ke, k_exp)
+                    k_w[i] = cast_like(kw, k_w)
+                    k_hot[i] = cast_like(kh, k_hot)
+                if not want_grad:
+                    continue
+                g = grad[o]
+                for c in range(n_classes):
+                    gr = g[c, i0:i1]
+                    w_c = weight[c] if has_w else cast_like(1.0, weight)
+                    for i in range(gr.shape[0]):
+                        gr[i] = gr[i] * k_exp[i] - k_w[i] * w_c
+                for i in range(m.shape[0]):
+                    t = target[o, i0 + i]
+                    if t == ignore_index:
+                        for c in range(n_classes):
+                            g[c, i0 + i] = 0  # exactly, even where a logit is NaN
+                    else:
+                        g[t, i0 + i] -= k_hot[i]
+            lo, hi = _claim(queue, n_outer * n_blocks)
+
+
 softmax_forward = _twins(_softmax_forward)
 softmax_backward = _twins(_softmax_backward)
 log_softmax_forward = _twins(_log_softmax_forward)
@@ -599,6 +664,7 @@ cross_entropy_prob = _twins(_cross_entropy_prob)
 scale_rows = _twins(_scale_rows)
 softmax_forward_middle = _twins(_softmax_forward_middle)
 softmax_backward_middle = _twins(_softmax_backward_middle)
+cross_entropy_index_middle = _twins(_cross_entropy_index_middle)
 
 
 @njit(cache=True, nogil=True)

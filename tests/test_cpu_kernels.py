@@ -84,3 +84,32 @@ def test_workers_beyond_threads_share_one_queue(workers, per_claim):
     assert queue[0] >= 23
     ref = torch.softmax(torch.from_numpy(x).double(), 1)
     assert_close(torch.from_numpy(y), ref)
+
+
+@pytest.mark.parametrize("claims", CLAIMS, ids=["row", "rows", "all"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_cross_entropy_over_a_middle_axis_in_parallel(parallel_config, claims, smoothing):
+    """(N, C, H, W) logits with class-index targets: the middle-axis kernel, parallel, blocks of 16 positions."""
+    parallel_config.setattr(config, "CPU_CLAIMS_PER_THREAD", claims[0])
+    parallel_config.setattr(config, "CPU_MIN_CLAIM_ELEMENTS", claims[1])
+    parallel_config.setattr(config, "CPU_MIDDLE_BLOCK_BYTES", 1)
+    x = randn(3, 11, 5, 9, dtype=torch.float32)
+    target = torch.randint(0, 11, (3, 5, 9))
+    target[0, 1, ::2] = -100
+    with torch.no_grad():
+        x[0, 3, 1, 2] = float("nan")  # at an ignored position: its gradient column is still exactly 0
+    weight = torch.rand(11, dtype=torch.float32) + 0.5
+    results = []
+    for fn, dt in ((fastsoftmax.cross_entropy, torch.float32), (TF.cross_entropy, torch.float64)):
+        xx = x.to(dt).requires_grad_()
+        loss = fn(xx, target, weight=weight.to(dt), reduction="sum", label_smoothing=smoothing)
+        (dx,) = torch.autograd.grad(loss, xx)
+        results.append((loss, dx))
+    (loss, dx), (loss64, dx64) = results
+    assert torch.isnan(loss) == torch.isnan(loss64)
+    assert (dx[0, :, 1, 2] == 0).all()
+    kept = torch.ones_like(dx, dtype=torch.bool)
+    kept[0, :, 1, :] = False  # torch's gradient is NaN in that ignored row of positions
+    assert_close(dx[kept], dx64[kept], dtype=torch.float32)
+    ok = randn(3, 11, 5, 9, dtype=torch.float32)
+    assert_close(fastsoftmax.cross_entropy(ok, target, reduction="none"), TF.cross_entropy(ok.double(), target, reduction="none"), dtype=torch.float32)

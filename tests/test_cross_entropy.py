@@ -15,7 +15,9 @@ SHAPES = [
     (33, 10),  # the softmax-regression shape, odd batch
     (8, 1000),  # non power of two, vector body + remainder
     (4, 7, 3),  # (N, C, d1): class dim in the middle, moved last and back
-    (2, 5, 3, 4),  # (N, C, d1, d2)
+    (2, 5, 3, 4),  # (N, C, d1, d2), 12 positions: moved last too
+    (3, 6, 20),  # (N, C, d1), 20 positions: index targets reduced in place (middle-axis kernel)
+    (2, 5, 4, 8),  # (N, C, d1, d2), 32 positions: in place
 ]
 
 
