@@ -97,8 +97,7 @@ def softmax_forward(x, y, log: bool) -> None:
 
 
 def softmax_backward(y, dy, dx, log: bool) -> None:
-    kernel = cpu.log_softmax_backward if log else cpu.softmax_backward
-    _launch(kernel, *y.shape, _np(y), _np(dy), _np(dx))
+    _launch(cpu.softmax_backward, *y.shape, _np(y), _np(dy), _np(dx), last=(log,))
 
 
 # --- softmax over a middle axis ---------------------------------------------------

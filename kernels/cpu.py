@@ -273,18 +273,24 @@ def _softmax_forward(x, y, scratch, queue):
             store_fence()
 
 
-def _softmax_backward(y, dy, dx, queue):
-    """``dx = y * (dy - sum(dy * y))`` per row."""
+def _softmax_backward(y, dy, dx, queue, log):
+    """The gradient from the forward output ``y``, per row.
+
+    softmax: ``dx = y * (dy - sum(dy * y))``; log-softmax (``log``):
+    ``dx = dy - exp(y) * sum(dy)``.
+    """
     for w in prange(queue[_WORKERS]):
         lo, hi = _claim(queue, y.shape[0])
         while lo < hi:
             for i in range(lo, hi):
-                yr = y[i]
-                gr = dy[i]
-                d = cast_like(_dot(gr, yr), yr)
-                out = dx[i]
-                for j in range(yr.shape[0]):
-                    out[j] = yr[j] * (gr[j] - d)
+                yr, gr, out = y[i], dy[i], dx[i]
+                d = cast_like(_dot(gr, gr[:0] if log else yr), yr)
+                if log:
+                    for j in range(yr.shape[0]):
+                        out[j] = gr[j] - vexp_nonpos(yr[j]) * d
+                else:
+                    for j in range(yr.shape[0]):
+                        out[j] = yr[j] * (gr[j] - d)
             lo, hi = _claim(queue, y.shape[0])
 
 
@@ -305,22 +311,6 @@ def _log_softmax_forward(x, y, scratch, queue):
             lo, hi = _claim(queue, x.shape[0])
         if stream:
             store_fence()
-
-
-def _log_softmax_backward(y, dy, dx, queue):
-    """``dx = dy - exp(y) * sum(dy)`` per row."""
-    no_weight = dy[0, :0]
-    for w in prange(queue[_WORKERS]):
-        lo, hi = _claim(queue, y.shape[0])
-        while lo < hi:
-            for i in range(lo, hi):
-                yr = y[i]
-                gr = dy[i]
-                t = cast_like(_dot(gr, no_weight), yr)
-                out = dx[i]
-                for j in range(yr.shape[0]):
-                    out[j] = gr[j] - vexp_nonpos(yr[j]) * t
-            lo, hi = _claim(queue, y.shape[0])
 
 
 @njit(inline="always", **_OPTIONS)
@@ -658,7 +648,6 @@ def _cross_entropy_index_middle(x, target, weight, ignore_index, eps, scale, los
 softmax_forward = _twins(_softmax_forward)
 softmax_backward = _twins(_softmax_backward)
 log_softmax_forward = _twins(_log_softmax_forward)
-log_softmax_backward = _twins(_log_softmax_backward)
 cross_entropy_index = _twins(_cross_entropy_index)
 cross_entropy_prob = _twins(_cross_entropy_prob)
 scale_rows = _twins(_scale_rows)
