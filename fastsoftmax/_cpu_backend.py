@@ -150,16 +150,23 @@ def _scale(denom: float, reduction: str) -> float:
     return 1.0 / denom if denom else 0.0
 
 
+def _check_targets(targets: np.ndarray, n_classes: int, ignore_index: int, weight: np.ndarray) -> float:
+    """Raise for a class index out of range; return the mean's denominator (total kept weight)."""
+    flat = targets.reshape(-1)
+    bad, denom, _ = cpu.check_targets(flat, n_classes, ignore_index, weight)
+    if bad >= 0:
+        from ._host import raise_bad_target
+
+        raise_bad_target(int(flat[bad]), bad, n_classes, ignore_index)
+    return denom
+
+
 def cross_entropy_index(x, target, weight, ignore_index, eps, reduction, loss, grad) -> float:
     """Checks the targets, runs the fused kernel, returns the mean's denominator (total kept weight)."""
     xn = _np(x)
     tn = _np(target)
     w = _weight(weight, xn)
-    bad, denom, _ = cpu.check_targets(tn, x.shape[1], ignore_index, w)
-    if bad >= 0:
-        from ._host import raise_bad_target
-
-        raise_bad_target(int(tn[bad]), bad, x.shape[1], ignore_index)
+    denom = _check_targets(tn, x.shape[1], ignore_index, w)
     if x.shape[0]:
         args = (xn, tn, w, ignore_index, eps, _scale(denom, reduction), _np(loss), _np(grad))
         _launch_forward(cpu.cross_entropy_index, x, *args)
@@ -171,11 +178,7 @@ def cross_entropy_index_middle(x, target, weight, ignore_index, eps, reduction, 
     xn = _np(x)
     tn = _np(target)
     w = _weight(weight, xn)
-    bad, denom, _ = cpu.check_targets(tn.reshape(-1), x.shape[1], ignore_index, w)
-    if bad >= 0:
-        from ._host import raise_bad_target
-
-        raise_bad_target(int(tn.reshape(-1)[bad]), bad, x.shape[1], ignore_index)
+    denom = _check_targets(tn, x.shape[1], ignore_index, w)
     if x.numel():
         args = (tn, w, ignore_index, eps, _scale(denom, reduction), _np(loss), _np(grad))
         _launch_middle(cpu.cross_entropy_index_middle, xn, *args, scratch_rows=5)
