@@ -452,6 +452,14 @@ _MIDDLE_BLOCK = 16
 
 
 @njit(inline="always", **_OPTIONS)
+def _middle_blocks(n_outer, n_inner, scratch):
+    """``(W, blocks per outer index, work items)`` of a middle-axis kernel, ``W = scratch.shape[2]``."""
+    width = scratch.shape[2]
+    n_blocks = (n_inner + width - 1) // width
+    return width, n_blocks, n_outer * n_blocks
+
+
+@njit(inline="always", **_OPTIONS)
 def _middle_item(item, n_blocks, width, n_inner):
     """The outer index and inner range ``[i0, i1)`` of work item ``item``."""
     i0 = (item % n_blocks) * width
@@ -526,10 +534,9 @@ def _softmax_forward_middle(x, y, scratch, totals, queue, log):
     ``1 / s`` or shifted by ``m + log(s)``.
     """
     n_outer, n_classes, n_inner = x.shape
-    width = scratch.shape[2]
-    n_blocks = (n_inner + width - 1) // width
+    width, n_blocks, n_items = _middle_blocks(n_outer, n_inner, scratch)
     for w in prange(queue[_WORKERS]):
-        lo, hi = _claim(queue, n_outer * n_blocks)
+        lo, hi = _claim(queue, n_items)
         while lo < hi:
             for item in range(lo, hi):
                 o, i0, i1 = _middle_item(item, n_blocks, width, n_inner)
@@ -548,7 +555,7 @@ def _softmax_forward_middle(x, y, scratch, totals, queue, log):
                         yr = y[o, c, i0:i1]
                         for i in range(k.shape[0]):
                             yr[i] *= k[i]
-            lo, hi = _claim(queue, n_outer * n_blocks)
+            lo, hi = _claim(queue, n_items)
 
 
 def _softmax_backward_middle(y, dy, dx, scratch, totals, queue, log):
@@ -558,10 +565,9 @@ def _softmax_backward_middle(y, dy, dx, scratch, totals, queue, log):
     ``dx = dy - exp(y) * sum_c(dy)``. Arguments as in the forward.
     """
     n_outer, n_classes, n_inner = y.shape
-    width = scratch.shape[2]
-    n_blocks = (n_inner + width - 1) // width
+    width, n_blocks, n_items = _middle_blocks(n_outer, n_inner, scratch)
     for w in prange(queue[_WORKERS]):
-        lo, hi = _claim(queue, n_outer * n_blocks)
+        lo, hi = _claim(queue, n_items)
         while lo < hi:
             for item in range(lo, hi):
                 o, i0, i1 = _middle_item(item, n_blocks, width, n_inner)
@@ -577,7 +583,7 @@ def _softmax_backward_middle(y, dy, dx, scratch, totals, queue, log):
                     else:
                         for i in range(d.shape[0]):
                             out[i] = yr[i] * (gr[i] - d[i])
-            lo, hi = _claim(queue, n_outer * n_blocks)
+            lo, hi = _claim(queue, n_items)
 
 
 def _cross_entropy_index_middle(x, target, weight, ignore_index, eps, scale, loss, grad, scratch, totals, queue):
@@ -594,10 +600,9 @@ def _cross_entropy_index_middle(x, target, weight, ignore_index, eps, scale, los
     has_w = weight.shape[0] > 0
     want_grad = grad.shape[0] > 0
     w_sum = _dot(weight, weight[:0]) if has_w else float(n_classes)
-    width = scratch.shape[2]
-    n_blocks = (n_inner + width - 1) // width
+    width, n_blocks, n_items = _middle_blocks(n_outer, n_inner, scratch)
     for w in prange(queue[_WORKERS]):
-        lo, hi = _claim(queue, n_outer * n_blocks)
+        lo, hi = _claim(queue, n_items)
         while lo < hi:
             for item in range(lo, hi):
                 o, i0, i1 = _middle_item(item, n_blocks, width, n_inner)
@@ -642,7 +647,7 @@ def _cross_entropy_index_middle(x, target, weight, ignore_index, eps, scale, los
                             g[c, i0 + i] = 0  # exactly, even where a logit is NaN
                     else:
                         g[t, i0 + i] -= k_hot[i]
-            lo, hi = _claim(queue, n_outer * n_blocks)
+            lo, hi = _claim(queue, n_items)
 
 
 softmax_forward = _twins(_softmax_forward)
