@@ -119,10 +119,10 @@ def middle_shape(x: torch.Tensor, dim: int):
     return math.prod(x.shape[:dim]), x.shape[dim], inner
 
 
-def _launch_middle(kernel, x: np.ndarray, *args, scratch_rows: int = 2, last: tuple = ()) -> None:
+def _launch_middle(kernel, x: np.ndarray, *args, scratch_rows: int = 2, total_rows: int = 2, last: tuple = ()) -> None:
     """Run a middle-axis kernel on ``x`` (O, C, I) and ``args``, then its scratch, a work queue and ``last``.
 
-    Scratch: ``(workers, scratch_rows, W)`` in ``x``'s dtype and ``(workers, 2, W)`` float64.
+    Scratch: ``(workers, scratch_rows, W)`` in ``x``'s dtype and ``(workers, total_rows, W)`` float64.
     """
     n_outer, n_classes, n_inner = x.shape
     width = config.CPU_MIDDLE_BLOCK_BYTES // (2 * n_classes * x.itemsize)
@@ -130,7 +130,7 @@ def _launch_middle(kernel, x: np.ndarray, *args, scratch_rows: int = 2, last: tu
     n_items = n_outer * -(-n_inner // width)
     workers = _workers(n_items, n_classes * width)
     scratch = np.empty((workers, scratch_rows, width), dtype=x.dtype)
-    totals = np.empty((workers, 2, width), dtype=np.float64)
+    totals = np.empty((workers, total_rows, width), dtype=np.float64)
     _launch(kernel, n_items, n_classes * width, x, *args, scratch, totals, workers=workers, last=last)
 
 
@@ -191,6 +191,16 @@ def cross_entropy_prob(x, q, weight, eps, reduction, loss, grad) -> float:
         xn = _np(x)
         args = (xn, _np(q), _weight(weight, xn), eps, _scale(denom, reduction), _np(loss), _np(grad))
         _launch_forward(cpu.cross_entropy_prob, x, *args)
+    return denom
+
+
+def cross_entropy_prob_middle(x, q, weight, eps, reduction, loss, grad) -> float:
+    """:func:`cross_entropy_prob` for logits and probabilities ``(O, C, I)`` reduced over the middle axis, loss ``(O, I)``."""
+    denom = float(loss.numel())
+    if x.numel():
+        xn = _np(x)
+        args = (_np(q), _weight(weight, xn), eps, _scale(denom, reduction), _np(loss), _np(grad))
+        _launch_middle(cpu.cross_entropy_prob_middle, xn, *args, scratch_rows=3, total_rows=3)
     return denom
 
 

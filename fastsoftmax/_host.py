@@ -9,8 +9,9 @@ PyTorch's are. On the CPU a reduced dimension that is not last, with enough
 positions after it, goes to kernels that reduce it in place (an ``(outer, C,
 inner)`` view, no copies); otherwise it is moved last, and the result copied
 back from the rows-last buffer the kernels wrote. Cross-entropy on
-``(N, C, d1, ...)`` logits with class indices takes the middle-axis kernel
-on the CPU too (gradient laid out like the input); otherwise its gradient
+``(N, C, d1, ...)`` logits (class indices or probabilities) takes the
+middle-axis kernels on the CPU too (gradient laid out like the input);
+otherwise its gradient
 stays a permuted view of the rows-last buffer (autograd lays ``.grad`` out
 itself).
 """
@@ -174,6 +175,11 @@ def _ce_reduce(loss_rows, loss_shape, reduction: str, denom: float, squeeze: boo
         loss = loss_rows.view(loss_shape)
         if squeeze:
             loss = loss.reshape(())
+    elif not loss_rows.is_cuda and (reduction == "sum" or denom != 0):
+        # in NumPy and Python floats: three torch ops cost more than the
+        # kernel on a (256, 10) batch
+        total = float(loss_rows.numpy().sum())
+        return torch.scalar_tensor(total if reduction == "sum" else total / denom, dtype=dtype)
     elif reduction == "sum":
         loss = loss_rows.sum()
     else:
@@ -182,19 +188,26 @@ def _ce_reduce(loss_rows, loss_shape, reduction: str, denom: float, squeeze: boo
 
 
 def _cross_entropy_middle(be, input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, middle, compute):
-    """:func:`cross_entropy_forward` for ``(N, C, d1, ...)`` logits and class indices, reduced over C in place.
+    """:func:`cross_entropy_forward` for ``(N, C, d1, ...)`` logits, reduced over C in place.
 
-    No copy of the logits into rows, and the gradient comes back laid out like ``input``.
+    No copy of the logits (or of probability targets) into rows, and the
+    gradient comes back laid out like ``input``.
     """
     n_outer, n_classes, n_inner = middle
     x3 = to_dtype(input, compute).contiguous().view(middle)
-    t2 = to_dtype(target, torch.int64).contiguous().view(n_outer, n_inner)
     w = rows_last(weight, 0, compute) if weight is not None else None
     loss2 = be.empty((n_outer, n_inner), torch.float64, input.device)
     grad = be.empty(input.shape if compute_grad else (0, n_classes), compute, input.device)
     grad3 = grad.view(middle) if compute_grad else grad.view(0, n_classes, 1).expand(0, n_classes, n_inner)
-    denom = be.cross_entropy_index_middle(x3, t2, w, ignore_index, label_smoothing, reduction, loss2, grad3)
-    return _ce_reduce(loss2.view(-1), target.shape, reduction, denom, False, input.dtype), grad
+    if is_prob_target(input, target):
+        q3 = to_dtype(target, compute).contiguous().view(middle)
+        denom = be.cross_entropy_prob_middle(x3, q3, w, label_smoothing, reduction, loss2, grad3)
+        loss_shape = target.shape[:1] + target.shape[2:]
+    else:
+        t2 = to_dtype(target, torch.int64).contiguous().view(n_outer, n_inner)
+        denom = be.cross_entropy_index_middle(x3, t2, w, ignore_index, label_smoothing, reduction, loss2, grad3)
+        loss_shape = target.shape
+    return _ce_reduce(loss2.view(-1), loss_shape, reduction, denom, False, input.dtype), grad
 
 
 def cross_entropy_forward(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad):
@@ -207,7 +220,7 @@ def cross_entropy_forward(input, target, weight, ignore_index, reduction, label_
     """
     be = backend(input)
     compute = be.compute_dtype(input.dtype)
-    if input.ndim > 2 and not is_prob_target(input, target):
+    if input.ndim > 2:
         middle = _middle_shape(be, input, 1)
         if middle is not None:
             args = (ignore_index, reduction, label_smoothing, compute_grad, middle, compute)
@@ -231,9 +244,10 @@ def cross_entropy_forward(input, target, weight, ignore_index, reduction, label_
         denom = be.cross_entropy_index(x2, t, w, ignore_index, label_smoothing, reduction, loss_rows, grad)
         loss_shape = target.shape
     loss = _ce_reduce(loss_rows, loss_shape, reduction, denom, squeeze, input.dtype)
-    if compute_grad:
-        grad = grad.view(xr.shape)
-        grad = grad.squeeze(0) if squeeze else grad.movedim(-1, 1)
+    if compute_grad and input.ndim > 2:
+        grad = grad.view(xr.shape).movedim(-1, 1)
+    elif compute_grad and squeeze:
+        grad = grad.squeeze(0)
     return loss, grad
 
 
@@ -248,6 +262,11 @@ def cross_entropy_backward(grad: torch.Tensor, grad_output: torch.Tensor, input_
     ``grad`` is the forward's gradient for a unit grad_output; ``grad_output``
     is a scalar (mean, sum) or holds one value per loss element (none).
     """
+    if grad.ndim > 2 and grad.is_contiguous():
+        # laid out like the input (the middle-axis kernel's gradient): moving
+        # C last would copy, and torch's broadcast multiply is one pass
+        factor = grad_output.to(grad.dtype)
+        return to_dtype(grad * (factor.unsqueeze(1) if factor.ndim else factor), input_dtype)
     be = backend(grad)
     squeeze = grad.ndim == 1
     gr = grad.unsqueeze(0) if squeeze else grad.movedim(1, -1)

@@ -650,6 +650,57 @@ def _cross_entropy_index_middle(x, target, weight, ignore_index, eps, scale, los
             lo, hi = _claim(queue, n_items)
 
 
+
+def _cross_entropy_prob_middle(x, q, weight, eps, scale, loss, grad, scratch, totals, queue):
+    """Fused cross-entropy over the middle axis with class probabilities: ``x`` and ``q`` (O, C, I).
+
+    The loss of :func:`_cross_entropy_prob` for every position ``(o, i)``,
+    written to ``loss`` (O, I), and, when ``grad`` has rows, its gradient
+    (O, C, I), laid out like ``x``: with ``a_c = w_c * ((1 - eps) * q_c + eps / C)``
+    and ``A = sum_c a_c``, ``loss = sum_c a_c * (m - x_c) + A * log(s)`` and
+    ``d loss / d x_c = A * exp(x_c - m) / s - a_c``. Scratch ``(workers, 3, W)``:
+    maxima, partial sums, the factor ``A * scale / s``; totals
+    ``(workers, 3, W)`` float64: ``s``, ``A`` and ``sum_c a_c * (m - x_c)``.
+    """
+    n_outer, n_classes, n_inner = x.shape
+    has_w = weight.shape[0] > 0
+    want_grad = grad.shape[0] > 0
+    keep = 1.0 - eps
+    spread = eps / n_classes
+    k_keep = cast_like(keep * scale, x)
+    k_spread = cast_like(spread * scale, x)
+    width, n_blocks, n_items = _middle_blocks(n_outer, n_inner, scratch)
+    for w in prange(queue[_WORKERS]):
+        lo, hi = _claim(queue, n_items)
+        while lo < hi:
+            for item in range(lo, hi):
+                o, i0, i1 = _middle_item(item, n_blocks, width, n_inner)
+                m, part, k_exp = scratch[w, 0, : i1 - i0], scratch[w, 1, : i1 - i0], scratch[w, 2, : i1 - i0]
+                s, a_sum, ad_sum = totals[w, 0, : i1 - i0], totals[w, 1, : i1 - i0], totals[w, 2, : i1 - i0]
+                xs, qs = x[o], q[o]
+                _middle_max(xs, i0, i1, m)
+                _middle_exp_sum(xs, i0, i1, m, grad[o] if want_grad else xs[:0], part, s)
+                a_sum[:] = 0.0
+                ad_sum[:] = 0.0
+                for c in range(n_classes):
+                    xr, qr = xs[c, i0:i1], qs[c, i0:i1]
+                    w_c = np.float64(weight[c]) if has_w else 1.0
+                    for i in range(a_sum.shape[0]):
+                        a = w_c * (keep * np.float64(qr[i]) + spread)
+                        a_sum[i] += a
+                        ad_sum[i] += a * (np.float64(m[i]) - np.float64(xr[i]))
+                for i in range(m.shape[0]):
+                    loss[o, i0 + i] = ad_sum[i] + a_sum[i] * math.log(s[i])
+                    k_exp[i] = cast_like(a_sum[i] * scale / s[i], k_exp)
+                if not want_grad:
+                    continue
+                for c in range(n_classes):
+                    gr, qr = grad[o, c, i0:i1], qs[c, i0:i1]
+                    w_c = weight[c] if has_w else cast_like(1.0, weight)
+                    for i in range(gr.shape[0]):
+                        gr[i] = gr[i] * k_exp[i] - w_c * (k_keep * qr[i] + k_spread)
+            lo, hi = _claim(queue, n_items)
+
 softmax_forward = _twins(_softmax_forward)
 softmax_backward = _twins(_softmax_backward)
 log_softmax_forward = _twins(_log_softmax_forward)
@@ -659,6 +710,7 @@ scale_rows = _twins(_scale_rows)
 softmax_forward_middle = _twins(_softmax_forward_middle)
 softmax_backward_middle = _twins(_softmax_backward_middle)
 cross_entropy_index_middle = _twins(_cross_entropy_index_middle)
+cross_entropy_prob_middle = _twins(_cross_entropy_prob_middle)
 
 
 @njit(cache=True, nogil=True)

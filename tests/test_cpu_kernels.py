@@ -113,3 +113,30 @@ def test_cross_entropy_over_a_middle_axis_in_parallel(parallel_config, claims, s
     assert_close(dx[kept], dx64[kept], dtype=torch.float32)
     ok = randn(3, 11, 5, 9, dtype=torch.float32)
     assert_close(fastsoftmax.cross_entropy(ok, target, reduction="none"), TF.cross_entropy(ok.double(), target, reduction="none"), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("claims", CLAIMS, ids=["row", "rows", "all"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy_with_probabilities_over_a_middle_axis_in_parallel(parallel_config, claims, reduction):
+    """(N, C, H, W) logits and class probabilities: the middle-axis kernel, parallel, blocks of 16 positions.
+
+    With ``reduction="none"`` the per-position grad_output scales the gradient
+    in its own layout (no copy with C moved last).
+    """
+    parallel_config.setattr(config, "CPU_CLAIMS_PER_THREAD", claims[0])
+    parallel_config.setattr(config, "CPU_MIN_CLAIM_ELEMENTS", claims[1])
+    parallel_config.setattr(config, "CPU_MIDDLE_BLOCK_BYTES", 1)
+    x = randn(3, 11, 5, 9, dtype=torch.float32)
+    q = torch.softmax(2 * randn(3, 11, 5, 9, dtype=torch.float32, seed=2), 1)
+    weight = torch.rand(11, dtype=torch.float32) + 0.5
+    results = []
+    for fn, dt in ((fastsoftmax.cross_entropy, torch.float32), (TF.cross_entropy, torch.float64)):
+        xx = x.to(dt).requires_grad_()
+        loss = fn(xx, q.to(dt), weight=weight.to(dt), reduction=reduction, label_smoothing=0.1)
+        go = randn(*loss.shape, dtype=dt, seed=3)
+        (dx,) = torch.autograd.grad(loss, xx, go)
+        results.append((loss, dx))
+    (loss, dx), (loss64, dx64) = results
+    assert_close(loss, loss64, dtype=torch.float32)
+    assert_close(dx, dx64, dtype=torch.float32)
+    assert dx.is_contiguous()

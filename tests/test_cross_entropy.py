@@ -96,6 +96,26 @@ def test_unit_grad_output_fast_path_and_retain_graph():
     assert_close(first, x64.grad)
 
 
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("shape", [(3, 6, 20), (2, 5, 4, 8)], ids=str)
+def test_gradient_over_a_middle_axis_is_laid_out_like_the_input(shape, kind, reduction):
+    """(N, C, d...) logits reduced in place: the op's own gradient (not only ``.grad``) has torch's strides.
+
+    Forward and backward, with a per-position grad_output for "none", run
+    without moving C last.
+    """
+    x = randn(*shape, dtype=torch.float64, seed=8)
+    target = _targets(shape, kind)
+    grads = []
+    for fn in (fastsoftmax.cross_entropy, TF.cross_entropy):
+        xx = x.clone().requires_grad_()
+        loss = fn(xx, target, reduction=reduction)
+        grads += torch.autograd.grad(loss, xx, randn(*loss.shape, dtype=torch.float64, seed=9))
+    assert grads[0].stride() == grads[1].stride()
+    assert_close(grads[0], grads[1])
+
+
 def test_uint8_targets_and_non_contiguous_logits():
     x = randn(12, 10, dtype=torch.float64, seed=6).t()  # (10, 12) view with strides (1, 10)
     assert not x.is_contiguous()

@@ -79,6 +79,27 @@ def test_cross_entropy_at_scale_1e4(dtype):
     assert not torch.isfinite(naive_loss), "the textbook loss should give inf or NaN here"
 
 
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("case", ["scale 1e4", "every logit below -1e4"])
+def test_cross_entropy_over_a_middle_axis_at_the_extremes(kind, case):
+    """(N, C, d) logits reduced over C in place (the middle-axis kernels), with either kind of target."""
+    x = randn(4, 30, 20, dtype=torch.float64, scale=1e4) if case == "scale 1e4" else randn(4, 30, 20, dtype=torch.float64) * 10 - 1e4
+    x = x.float()
+    if kind == "index":
+        target = torch.randint(0, 30, (4, 20))
+    else:
+        target = torch.softmax(randn(4, 30, 20, dtype=torch.float32, seed=5), 1)
+    xg = x.detach().requires_grad_()
+    loss = fastsoftmax.cross_entropy(xg, target, label_smoothing=0.1)
+    loss.backward()
+    x64 = x.double().requires_grad_()
+    ref = TF.cross_entropy(x64, target.double() if kind == "prob" else target, label_smoothing=0.1)
+    ref.backward()
+    assert torch.isfinite(loss) and torch.isfinite(xg.grad).all()
+    assert_close(loss, ref, torch.float32)
+    assert_close(xg.grad, x64.grad, torch.float32)
+
+
 def test_cross_entropy_never_takes_log_of_zero():
     # the true class is 200 below the max: its probability underflows float32,
     # yet the loss (about 200) is finite and exact
