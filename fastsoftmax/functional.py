@@ -20,7 +20,7 @@ import warnings
 import torch
 from torch.nn import _reduction
 
-from . import _dispatch, _ops
+from . import _dispatch, _host, _ops
 from .autograd import CrossEntropyFunction, LogSoftmaxFunction, SoftmaxFunction
 
 __all__ = ["softmax", "log_softmax", "cross_entropy"]
@@ -46,6 +46,8 @@ def _softmax(input, dim, stacklevel, dtype, log: bool):
         _dispatch.check_logits(input)
     if torch.compiler.is_compiling():
         return (_ops.log_softmax if log else _ops.softmax)(input, dim)
+    if not (input.requires_grad and torch.is_grad_enabled()):
+        return _host.softmax_forward(input, dim, log)  # no graph to record: skip autograd.Function's cost
     return (LogSoftmaxFunction if log else SoftmaxFunction).apply(input, dim)
 
 
@@ -159,8 +161,43 @@ def cross_entropy(
         reduction = _reduction.legacy_get_string(size_average, reduce)
     _check_cross_entropy(input, target, weight, reduction, label_smoothing)
     label_smoothing = float(label_smoothing)
+    grad_mode = torch.is_grad_enabled()
+    if grad_mode and weight is not None and weight.requires_grad and not target.is_floating_point():
+        # torch's nll_loss has no weight gradient either
+        raise RuntimeError(
+            "fastsoftmax: cross_entropy with class-index targets is not differentiable with respect to weight; "
+            "detach the weight"
+        )
+    if grad_mode and (target.requires_grad or (weight is not None and weight.requires_grad)):
+        return _cross_entropy_composite(input, target, weight, reduction, label_smoothing)
     if torch.compiler.is_compiling():
-        compute_grad = input.requires_grad and torch.is_grad_enabled()
+        compute_grad = input.requires_grad and grad_mode
         loss, _ = _ops.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad)
         return loss
+    if not (grad_mode and input.requires_grad):
+        loss, _ = _host.cross_entropy_forward(input, target, weight, ignore_index, reduction, label_smoothing, False)
+        return loss
     return CrossEntropyFunction.apply(input, target, weight, ignore_index, reduction, label_smoothing)
+
+
+def _cross_entropy_composite(input, target, weight, reduction, label_smoothing):
+    r"""Cross-entropy with probability targets (or weights) that require grad.
+
+    The fused kernel returns no gradient for ``target`` or ``weight``, so here
+    the loss is composed of our :func:`log_softmax` and torch ops, as torch
+    composes it, and autograd differentiates all three:
+    :math:`\ell = -\sum_c w_c q'_c \log p_c`, :math:`\partial \ell / \partial q_c = -(1 - \varepsilon) w_c \log p_c`.
+    """
+    class_dim = 0 if input.ndim == 1 else 1
+    n_classes = input.shape[class_dim]
+    logp = log_softmax(input, class_dim)
+    q = target if label_smoothing == 0.0 else target * (1 - label_smoothing) + label_smoothing / n_classes
+    terms = logp * q
+    if weight is not None:
+        terms = terms * weight.view([n_classes] + [1] * (input.ndim - class_dim - 1))
+    loss = -terms.sum(class_dim)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / (input.numel() // n_classes)  # 0 / 0 = NaN for an empty batch, as in torch

@@ -206,3 +206,49 @@ def test_bad_input_raises_clear_error(args, error, match):
 def test_bad_options_raise_clear_error(kw, error, match):
     with pytest.raises(error, match=match):
         fastsoftmax.cross_entropy(X, torch.tensor([0, 1, 2, 3]), **kw)
+
+
+@pytest.mark.parametrize("shape", [(5,), (6, 7), (3, 4, 18)], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.25])
+def test_probability_targets_and_weights_that_require_grad(shape, reduction, smoothing):
+    """Gradients flow to probability targets and class weights too, as in torch (not silently None)."""
+    class_dim = 0 if len(shape) == 1 else 1
+    x = randn(*shape, dtype=torch.float64, seed=10)
+    q = torch.softmax(randn(*shape, dtype=torch.float64, seed=11), class_dim)
+    w = torch.rand(shape[class_dim], dtype=torch.float64, generator=torch.Generator().manual_seed(12)) + 0.5
+    results = []
+    for fn in (fastsoftmax.cross_entropy, TF.cross_entropy):
+        leaves = [t.clone().requires_grad_() for t in (x, q, w)]
+        loss = fn(leaves[0], leaves[1], weight=leaves[2], reduction=reduction, label_smoothing=smoothing)
+        go = randn(*loss.shape, dtype=torch.float64, seed=13)
+        results.append((loss, *torch.autograd.grad(loss, leaves, go)))
+    for ours, theirs in zip(*results):
+        assert_close(ours, theirs)
+
+
+def test_weight_of_index_targets_is_not_differentiable_as_in_torch():
+    x = randn(4, 6, dtype=torch.float64).requires_grad_()
+    t = torch.randint(0, 6, (4,))
+    w = torch.rand(6, dtype=torch.float64).requires_grad_()
+    with pytest.raises(RuntimeError, match="not differentiable with respect to weight"):
+        fastsoftmax.cross_entropy(x, t, weight=w)
+    with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'weight'"):
+        TF.cross_entropy(x, t, weight=w)
+    with torch.no_grad():  # no graph, no gradient asked for: fine in both
+        assert_close(fastsoftmax.cross_entropy(x, t, weight=w), TF.cross_entropy(x, t, weight=w))
+
+
+@pytest.mark.parametrize("op", ["softmax", "log_softmax", "cross_entropy"])
+def test_no_graph_is_recorded_when_no_gradient_is_wanted(op):
+    """Inputs that do not require grad (or no_grad mode) skip autograd, and the results match torch."""
+    x = randn(9, 13, dtype=torch.float64, seed=14)
+    args = (torch.randint(0, 13, (9,)),) if op == "cross_entropy" else (1,)
+    ours = getattr(fastsoftmax, op)(x, *args)
+    assert ours.grad_fn is None and not ours.requires_grad
+    assert_close(ours, getattr(TF, op)(x, *args))
+    with torch.no_grad():
+        xg = x.clone().requires_grad_()
+        ours = getattr(fastsoftmax, op)(xg, *args)
+        assert ours.grad_fn is None and not ours.requires_grad
+        assert_close(ours, getattr(TF, op)(x, *args))
