@@ -152,10 +152,14 @@ def cross_entropy(
     ignored gives NaN, as in PyTorch. The gradient,
     :math:`\partial \ell / \partial x_c = (\sum_k a_k) p_c - a_c` with :math:`a`
     the coefficients above, is computed in the same pass as the loss.
+    Probability targets and weights that require grad get their gradients
+    too, through :func:`_cross_entropy_composite`.
 
     Raises:
         IndexError: a class index outside ``[0, C)`` that is not ``ignore_index``.
         TypeError, ValueError: wrong dtype, shape, device, reduction or smoothing.
+        RuntimeError: class-index targets with a weight that requires grad
+            (in grad mode), which torch cannot differentiate either.
     """
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
