@@ -83,6 +83,12 @@ def _opcheck_cases():
     yield "ce_kdim_weighted", _ops.cross_entropy, (x3, torch.randint(0, 5, (2, 4)), w, 1, "sum", 0.0, True)
     yield "ce_prob", _ops.cross_entropy, (x3, torch.softmax(randn(2, 5, 4, dtype=torch.float64), 1), None, -100, "mean", 0.0, True)
     yield "ce_backward", _ops.cross_entropy_backward, (randn(6, 9), torch.tensor(0.5), torch.float32)
+    # (N, C, d) with 16 positions: reduced over C in place, gradient laid out like the input
+    xm = randn(2, 5, 16, dtype=torch.float32).requires_grad_()
+    yield "ce_middle_index", _ops.cross_entropy, (xm, torch.randint(0, 5, (2, 16)), None, -100, "none", 0.1, True)
+    qm = torch.softmax(randn(2, 5, 16, dtype=torch.float32), 1)
+    yield "ce_middle_prob", _ops.cross_entropy, (xm, qm, None, -100, "mean", 0.1, True)
+    yield "ce_middle_backward", _ops.cross_entropy_backward, (randn(2, 5, 16), randn(2, 16), torch.float32)
 
 
 @pytest.mark.parametrize("name,op,args", list(_opcheck_cases()), ids=[c[0] for c in _opcheck_cases()])
