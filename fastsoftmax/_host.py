@@ -11,9 +11,8 @@ inner)`` view, no copies); otherwise it is moved last, and the result copied
 back from the rows-last buffer the kernels wrote. Cross-entropy on
 ``(N, C, d1, ...)`` logits (class indices or probabilities) takes the
 middle-axis kernels on the CPU too (gradient laid out like the input);
-otherwise its gradient
-stays a permuted view of the rows-last buffer (autograd lays ``.grad`` out
-itself).
+otherwise its gradient stays a permuted view of the rows-last buffer
+(autograd lays ``.grad`` out itself).
 """
 
 import torch

@@ -650,7 +650,6 @@ def _cross_entropy_index_middle(x, target, weight, ignore_index, eps, scale, los
             lo, hi = _claim(queue, n_items)
 
 
-
 def _cross_entropy_prob_middle(x, q, weight, eps, scale, loss, grad, scratch, totals, queue):
     """Fused cross-entropy over the middle axis with class probabilities: ``x`` and ``q`` (O, C, I).
 
@@ -700,6 +699,7 @@ def _cross_entropy_prob_middle(x, q, weight, eps, scale, loss, grad, scratch, to
                     for i in range(gr.shape[0]):
                         gr[i] = gr[i] * k_exp[i] - w_c * (k_keep * qr[i] + k_spread)
             lo, hi = _claim(queue, n_items)
+
 
 softmax_forward = _twins(_softmax_forward)
 softmax_backward = _twins(_softmax_backward)
