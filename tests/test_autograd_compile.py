@@ -137,3 +137,27 @@ def test_torch_compile_inductor_matches_torch():
     ref.backward()
     assert_close(loss, ref, torch.float32)
     assert_close(x.grad, x64.grad, torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["prob requiring grad", "index, reduction none"])
+def test_torch_compile_fullgraph_cross_entropy_over_a_middle_axis(kind):
+    """(N, C, d) logits under torch.compile: the composed loss for targets that require grad, and the
+    middle-axis op with a per-position grad_output; gradients as in eager torch."""
+    torch._dynamo.reset()
+    x = randn(4, 5, 16, dtype=torch.float64)
+    if kind.startswith("prob"):
+        target = torch.softmax(randn(4, 5, 16, dtype=torch.float64, seed=3), 1)
+        kw = dict(label_smoothing=0.1)
+    else:
+        target = torch.randint(0, 5, (4, 16))
+        kw = dict(reduction="none")
+    results = []
+    for fn in (torch.compile(fastsoftmax.cross_entropy, fullgraph=True, backend="aot_eager"), TF.cross_entropy):
+        leaves = [x.clone().requires_grad_()]
+        if target.is_floating_point():
+            leaves.append(target.clone().requires_grad_())
+        loss = fn(*leaves, **kw) if len(leaves) == 2 else fn(leaves[0], target, **kw)
+        go = randn(*loss.shape, dtype=torch.float64, seed=4)
+        results.append((loss, *torch.autograd.grad(loss, leaves, go)))
+    for ours, theirs in zip(*results):
+        assert_close(ours, theirs)
