@@ -1,0 +1,170 @@
+"""Where the time goes in the two figures that miss their goals: softmax at 8192x32000 and cross-entropy at 256x10.
+
+    .venv/bin/python benchmarks/breakdown.py [--repeats 15] [--out FILE]
+
+1. Softmax forward, float32, 32000 columns. The row kernel's passes,
+   rebuilt from its own pieces (``kernels.cpu``: ``_row_max``, ``_exp_sum``,
+   ``_stream_row``), timed on one thread over 200 rows that stay in the
+   last-level cache: microseconds per row for max + exp (the exps stored in
+   a scratch row) and for max + exp + the non-temporal write of the output.
+   Then the whole op at 8192x32000 on one thread and on two, beside
+   ``np.copyto`` of the same array, interleaved.
+2. Cross-entropy forward+backward at 256x10, interleaved: torch, ours, a
+   trivial ``torch.autograd.Function`` with our signature (its forward
+   returns a constant loss and saves a ready gradient, its backward returns
+   that gradient: the floor of any Python autograd op), and our kernel
+   alone (serial twin, outputs allocated once).
+
+Medians of ``--repeats`` repetitions, one run.
+"""
+
+import argparse
+import json
+import statistics
+
+import numba
+import numpy as np
+import torch
+
+import fastsoftmax
+from fastsoftmax import bench
+from fastsoftmax.kernels import cpu
+from fastsoftmax.kernels._llvm import store_fence
+
+_JIT = dict(cpu._OPTIONS, cache=False)
+
+
+@numba.njit(**_JIT)
+def _max_exp(x, scratch, reps):
+    """Max and exp passes of every row, ``reps`` times (the exps go to a scratch row)."""
+    total = 0.0
+    for _ in range(reps):
+        for i in range(x.shape[0]):
+            m = cpu._row_max(x[i])
+            total += cpu._exp_sum(x[i], m, scratch, cpu._next_row(x, i))
+    return total
+
+
+@numba.njit(**_JIT)
+def _max_exp_stream(x, y, scratch, reps):
+    """As :func:`_max_exp`, then each row scaled and streamed to ``y``: the row kernel's three passes."""
+    for _ in range(reps):
+        for i in range(x.shape[0]):
+            m = cpu._row_max(x[i])
+            inv = cpu.cast_like(1.0 / cpu._exp_sum(x[i], m, scratch, cpu._next_row(x, i)), x)
+            cpu._stream_row(y[i], scratch, inv)
+    store_fence()
+
+
+def _interleaved(calls: dict, repeats: int) -> dict:
+    """Median seconds per call, the calls interleaved within each repetition (``fastsoftmax.bench.time_case``)."""
+    case = bench.Case("softmax_fwd", 0, 0, torch.float32, "cpu", calls=calls)
+    return {k: statistics.median(v) for k, v in bench.time_case(case, repeats).items()}
+
+
+def softmax_passes(repeats: int) -> dict:
+    n_cols, cached_rows, reps = 32000, 200, 5
+    g = torch.Generator().manual_seed(0)
+    xs = (torch.randn(cached_rows, n_cols, generator=g) * 3).numpy()
+    ys = np.empty_like(xs)
+    scratch = np.empty(n_cols, np.float32)
+    med = _interleaved(
+        {
+            "max+exp": lambda: _max_exp(xs, scratch, reps),
+            "max+exp+write": lambda: _max_exp_stream(xs, ys, scratch, reps),
+        },
+        repeats,
+    )
+    per_row_us = {k: v / (reps * cached_rows) * 1e6 for k, v in med.items()}
+
+    x = torch.randn(8192, n_cols, generator=g) * 3
+    copy = bench.copy_call(8192, n_cols, torch.float32, "cpu")
+    threads = numba.get_num_threads()
+
+    def on(n):
+        def call():
+            numba.set_num_threads(n)
+            try:
+                fastsoftmax.softmax(x, -1)
+            finally:
+                numba.set_num_threads(threads)
+
+        return call
+
+    whole = _interleaved({"1 thread": on(1), f"{threads} threads": on(threads), "np.copyto": copy}, repeats)
+    return {"per_row_us_in_cache": per_row_us, "whole_op_ms": {k: v * 1e3 for k, v in whole.items()}}
+
+
+class _Floor(torch.autograd.Function):
+    """The cheapest Python autograd op with cross-entropy's signature."""
+
+    @staticmethod
+    def forward(ctx, input, target, grad):
+        ctx.save_for_backward(grad)
+        return input.new_ones(())
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad, None, None
+
+
+def cross_entropy_small(repeats: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 10, generator=g).requires_grad_()
+    t = torch.randint(0, 10, (256,), generator=g)
+    ready = torch.randn(256, 10, generator=g)
+    xn, tn = x.detach().numpy(), t.numpy()
+    loss, grad = np.empty(256), np.empty((256, 10), np.float32)
+    no_weight, no_scratch = np.empty(0, np.float32), np.empty((1, 0), np.float32)
+
+    def fwd_bwd(f, *extra):
+        def call():
+            f(x, t, *extra).backward()
+            x.grad = None
+
+        return call
+
+    def kernel():
+        queue = np.array([0, 256, 1], np.int64)
+        cpu.cross_entropy_index[False](xn, tn, no_weight, -100, 0.0, 1 / 256, loss, grad, no_scratch, queue)
+
+    calls = {
+        "torch": fwd_bwd(torch.nn.functional.cross_entropy),
+        "fastsoftmax": fwd_bwd(fastsoftmax.cross_entropy),
+        "trivial autograd.Function": fwd_bwd(_Floor.apply, ready),
+        "our kernel alone": kernel,
+    }
+    # microsecond calls: each repetition times a batch of 200
+    batched = {k: (lambda f=f: [f() for _ in range(200)]) for k, f in calls.items()}
+    med = _interleaved(batched, repeats)
+    return {"fwd_bwd_us": {k: v / 200 * 1e6 for k, v in med.items()}}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--out", default=None, help="also write the figures as JSON here")
+    args = parser.parse_args()
+    soft = softmax_passes(args.repeats)
+    per_row = soft["per_row_us_in_cache"]
+    print(
+        "softmax, 32000 columns, one thread, rows in cache: "
+        + ", ".join(f"{k} {v:.1f} us/row" for k, v in per_row.items())
+        + f" (4096 rows: {per_row['max+exp+write'] * 4096 / 1e3:.0f} ms)",
+        flush=True,
+    )
+    print("softmax 8192x32000: " + ", ".join(f"{k} {v:.1f} ms" for k, v in soft["whole_op_ms"].items()), flush=True)
+    small = cross_entropy_small(args.repeats)
+    print(
+        "cross-entropy fwd+bwd 256x10: " + ", ".join(f"{k} {v:.1f} us" for k, v in small["fwd_bwd_us"].items()),
+        flush=True,
+    )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"machine": bench.machine(), "repeats": args.repeats, "softmax": soft, "cross_entropy": small}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
