@@ -27,7 +27,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import _llvm, config, rowmath
-from ._llvm import fetch_add, maxnum, prefetch, store_fence, stream_vector
+from ._llvm import fetch_add, maxnum, prefetch, row_max, store_fence, stream_vector
 from .rowmath import cast_like, vexp_nonpos
 
 _OPTIONS = dict(fastmath=set(config.FASTMATH), cache=True, nogil=True, error_model="numpy")
@@ -101,10 +101,8 @@ _BLOCK = 256
 
 @njit(inline="always", **_OPTIONS)
 def _row_max(xr):
-    m = xr[0]
-    for j in range(1, xr.shape[0]):
-        m = maxnum(m, xr[j])
-    return m
+    """The row's max, NaN skipped (:func:`._llvm.row_max`); a NaN reaches the results through the sum."""
+    return row_max(xr)
 
 
 #: Elements per 64-byte cache line, for prefetching: a float32 count, so
@@ -126,14 +124,18 @@ def _exp_sum(xr, m, out, ahead):
         for k in range(b, min(end, ahead.shape[0]), _LINE):
             prefetch(ahead, k)
         part = cast_like(0.0, xr)
+        # zero-based loops over slices: LLVM then knows the index is never
+        # negative and drops Numba's wraparound arithmetic from every load
+        xb = xr[b:end]
         if out.shape[0] > 0:
-            for j in range(b, end):
-                e = vexp_nonpos(xr[j] - m)
-                out[j] = e
+            ob = out[b:end]
+            for j in range(xb.shape[0]):
+                e = vexp_nonpos(xb[j] - m)
+                ob[j] = e
                 part += e
         else:
-            for j in range(b, end):
-                part += vexp_nonpos(xr[j] - m)
+            for j in range(xb.shape[0]):
+                part += vexp_nonpos(xb[j] - m)
         total += part
     return total
 
