@@ -15,6 +15,7 @@ from helpers import assert_close, backward_reference, randn
 
 import fastsoftmax
 from fastsoftmax.kernels import config, cpu
+from numba import njit
 
 # (claims per thread, minimum elements per claim): one row per claim, a few
 # rows per claim, and all rows in one claim (the other worker gets none)
@@ -140,3 +141,30 @@ def test_cross_entropy_with_probabilities_over_a_middle_axis_in_parallel(paralle
     assert_close(loss, loss64, dtype=torch.float32)
     assert_close(dx, dx64, dtype=torch.float32)
     assert dx.is_contiguous()
+
+
+@njit
+def _row_max_of(x):
+    return cpu._row_max(x)
+
+
+@pytest.mark.parametrize("np_dtype", [np.float32, np.float64])
+def test_row_max_over_every_tail_length_and_nan_position(np_dtype):
+    """The explicit SIMD max (``_llvm.row_max``): every length through four vectors and a tail,
+    the max in every position, NaN skipped wherever it stands, -inf rows and empty rows."""
+    rng = np.random.default_rng(7)
+    for n in range(0, 70):
+        x = rng.standard_normal(n).astype(np_dtype)
+        assert _row_max_of(x) == (x.max() if n else -np.inf), n
+        for k in range(n):
+            peak = x.copy()
+            peak[k] = 9.0
+            assert _row_max_of(peak) == 9.0, (n, k)
+            holed = x.copy()
+            holed[k] = np.nan
+            expected = np.nanmax(holed) if n > 1 else -np.inf
+            assert _row_max_of(holed) == expected, (n, k)
+    assert _row_max_of(np.full(37, -np.inf, np_dtype)) == -np.inf
+    assert _row_max_of(np.full(37, np.nan, np_dtype)) == -np.inf
+    assert _row_max_of(np.array([1.0, np.inf, 2.0] * 11, np_dtype)) == np.inf
+    assert _row_max_of(np.linspace(-3e38, -1e38, 41).astype(np_dtype)) == np_dtype(-1e38)
