@@ -4,10 +4,12 @@
 
 1. Softmax forward, float32, 32000 columns. The row kernel's passes,
    rebuilt from its own pieces (``kernels.cpu``: ``_row_max``, ``_exp_sum``,
-   ``_stream_row``), timed on one thread over 200 rows that stay in the
-   last-level cache: microseconds per row for max + exp (the exps stored in
-   a scratch row) and for max + exp + the non-temporal write of the output.
-   Then the whole op at 8192x32000 on one thread and on two, beside
+   ``_stream_row``), timed over 100 rows that stay in the last-level cache:
+   microseconds per row for max + exp (the exps stored in a scratch row) on
+   one thread alone and on every thread at once (each over the same rows,
+   into its own scratch row: do the threads share arithmetic units?), and
+   for max + exp + the non-temporal write of the output on one thread.
+   Then the whole op at 8192x32000 on one thread and on all, beside
    ``np.copyto`` of the same array, interleaved.
 2. Cross-entropy forward+backward at 256x10, interleaved: torch, ours, a
    trivial ``torch.autograd.Function`` with our signature (its forward
@@ -34,14 +36,15 @@ from fastsoftmax.kernels._llvm import store_fence
 _JIT = dict(cpu._OPTIONS, cache=False)
 
 
-@numba.njit(**_JIT)
-def _max_exp(x, scratch, reps):
-    """Max and exp passes of every row, ``reps`` times (the exps go to a scratch row)."""
-    total = 0.0
-    for _ in range(reps):
-        for i in range(x.shape[0]):
-            m = cpu._row_max(x[i])
-            total += cpu._exp_sum(x[i], m, scratch, cpu._next_row(x, i))
+@numba.njit(parallel=True, **_JIT)
+def _max_exp(x, scratch, reps, threads):
+    """Max and exp passes of every row, ``reps`` times, on ``threads`` threads at once (each with its scratch row)."""
+    total = np.zeros(threads)
+    for w in numba.prange(threads):
+        for _ in range(reps):
+            for i in range(x.shape[0]):
+                m = cpu._row_max(x[i])
+                total[w] += cpu._exp_sum(x[i], m, scratch[w], cpu._next_row(x, i))
     return total
 
 
@@ -63,15 +66,28 @@ def _interleaved(calls: dict, repeats: int) -> dict:
 
 
 def softmax_passes(repeats: int) -> dict:
-    n_cols, cached_rows, reps = 32000, 200, 5
+    n_cols, cached_rows, reps = 32000, 100, 10
+    threads = numba.get_num_threads()
     g = torch.Generator().manual_seed(0)
     xs = (torch.randn(cached_rows, n_cols, generator=g) * 3).numpy()
     ys = np.empty_like(xs)
-    scratch = np.empty(n_cols, np.float32)
+    scratch = np.empty((threads, n_cols), np.float32)
+
+    def max_exp(n):
+        def call():
+            previous = numba.set_parallel_chunksize(1)  # one worker per thread
+            try:
+                _max_exp(xs, scratch, reps, n)
+            finally:
+                numba.set_parallel_chunksize(previous)
+
+        return call
+
     med = _interleaved(
         {
-            "max+exp": lambda: _max_exp(xs, scratch, reps),
-            "max+exp+write": lambda: _max_exp_stream(xs, ys, scratch, reps),
+            "max+exp, 1 thread": max_exp(1),
+            f"max+exp, {threads} threads at once": max_exp(threads),
+            "max+exp+write, 1 thread": lambda: _max_exp_stream(xs, ys, scratch[0], reps),
         },
         repeats,
     )
@@ -79,7 +95,6 @@ def softmax_passes(repeats: int) -> dict:
 
     x = torch.randn(8192, n_cols, generator=g) * 3
     copy = bench.copy_call(8192, n_cols, torch.float32, "cpu")
-    threads = numba.get_num_threads()
 
     def on(n):
         def call():
@@ -149,9 +164,7 @@ def main() -> int:
     soft = softmax_passes(args.repeats)
     per_row = soft["per_row_us_in_cache"]
     print(
-        "softmax, 32000 columns, one thread, rows in cache: "
-        + ", ".join(f"{k} {v:.1f} us/row" for k, v in per_row.items())
-        + f" (4096 rows: {per_row['max+exp+write'] * 4096 / 1e3:.0f} ms)",
+        "softmax, 32000 columns, rows in cache, per row and thread: " + ", ".join(f"{k} {v:.1f} us" for k, v in per_row.items()),
         flush=True,
     )
     print("softmax 8192x32000: " + ", ".join(f"{k} {v:.1f} ms" for k, v in soft["whole_op_ms"].items()), flush=True)

@@ -58,3 +58,20 @@ def test_cross_entropy_row_formula():
     a[t] += (1 - eps) * w[t]
     p = np.exp(x - lse)
     np.testing.assert_allclose(grad, a.sum() * p - a, rtol=1e-14)
+
+
+def test_one_part_ln2_only_where_the_target_fuses_multiply_add(monkeypatch):
+    """A user-chosen Numba target (``NUMBA_CPU_NAME``, e.g. for portable caches) decides, not the host."""
+    import platform
+
+    from numba.core import config as numba_config
+
+    monkeypatch.setattr(numba_config, "CPU_NAME", "generic")
+    monkeypatch.setattr(numba_config, "CPU_FEATURES", "")
+    on_arm = platform.machine().lower() in ("arm64", "aarch64")
+    assert rowmath._target_has_fma() is on_arm
+    monkeypatch.setattr(numba_config, "CPU_FEATURES", "+avx2,+fma")
+    assert rowmath._target_has_fma() is True
+    # the constant the module chose matches the answer for the target it was imported under
+    monkeypatch.undo()
+    assert len(rowmath._F32.ln2_parts) == (1 if rowmath._target_has_fma() else 2)
