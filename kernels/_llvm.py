@@ -67,6 +67,7 @@ def row_max(typingctx, row):
         def larger(x, m):
             return builder.select(builder.fcmp_ordered(">", x, m), x, m)
 
+        # the body: whole groups of _MAX_UNROLL vectors, one accumulator each
         step = vty.count * _MAX_UNROLL
         accs = [cgutils.alloca_once_value(builder, ir.Constant(vty, [lowest] * vty.count)) for _ in range(_MAX_UNROLL)]
         body = builder.mul(builder.sdiv(n, ir.Constant(intp, step)), ir.Constant(intp, step))
@@ -75,6 +76,7 @@ def row_max(typingctx, row):
                 ptr = builder.gep(a.data, [builder.add(j, ir.Constant(intp, u * vty.count))])
                 v = builder.load(builder.bitcast(ptr, vty.as_pointer()), align=size)
                 builder.store(larger(v, builder.load(acc)), acc)
+        # the accumulators into one vector, its lanes into one scalar, then the tail
         vec = builder.load(accs[0])
         for acc in accs[1:]:
             vec = larger(builder.load(acc), vec)
