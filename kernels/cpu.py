@@ -101,7 +101,10 @@ _BLOCK = 256
 
 @njit(inline="always", **_OPTIONS)
 def _row_max(xr):
-    """The row's max, NaN skipped (:func:`._llvm.row_max`); a NaN reaches the results through the sum."""
+    """The max of a C-contiguous row (the kernels' rows all are), NaN skipped (:func:`._llvm.row_max`).
+
+    A NaN in the row reaches the results through ``sum_j exp(x_j - m)``.
+    """
     return row_max(xr)
 
 

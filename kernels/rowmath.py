@@ -152,7 +152,10 @@ def _target_has_fma() -> bool:
         return True
     if numba_config.CPU_NAME is not None:  # a target chosen by the user, e.g. ``generic`` for portable caches
         return "+fma" in (numba_config.CPU_FEATURES or "")
-    return bool(ll.get_host_cpu_features().get("fma", False))
+    try:
+        return bool(ll.get_host_cpu_features().get("fma", False))
+    except RuntimeError:  # LLVM could not read the host's features: assume none
+        return False
 
 
 class _Format:
