@@ -175,7 +175,7 @@ class _Format:
         self.coeffs = tuple(f(c) for c in coeffs)
 
 
-#: ln2 in one part (needs an FMA), or in two whose first has 12 significant bits.
+#: ln2 in one part (needs an FMA), or in two whose first has 9 significant bits (exact products with n).
 _F32_LN2 = (math.log(2),) if _target_has_fma() else (0.693359375, -2.12194440e-4)
 _F32 = _Format(np.float32, 23, 127, _F32_LN2, -88.0, 89.0, _F32_COEFFS)
 _F64 = _Format(np.float64, 52, 1023, (6.93147180369123816490e-01, 1.90821492927058770002e-10), -709.0, 710.0, _F64_COEFFS)
