@@ -113,34 +113,48 @@ def _row_max(xr):
 _LINE = 16
 
 
+def _exp_loop(store: bool):
+    """The loop of :func:`_exp_sum`, compiled with each ``exp`` stored into ``out`` or not."""
+
+    def exp_sum(xr, m, out, ahead):
+        n = xr.shape[0]
+        total = 0.0
+        for b in range(0, n, _BLOCK):
+            end = min(b + _BLOCK, n)
+            for k in range(b, min(end, ahead.shape[0]), _LINE):
+                prefetch(ahead, k)
+            part = cast_like(0.0, xr)
+            # zero-based loops over slices: LLVM then knows the index is never
+            # negative and drops Numba's wraparound arithmetic from every load
+            xb = xr[b:end]
+            ob = out[b:end]
+            for j in range(xb.shape[0]):
+                e = vexp_nonpos(xb[j] - m)
+                if store:  # a constant of this closure: no branch in the compiled loop
+                    ob[j] = e
+                part += e
+            total += part
+        return total
+
+    return njit(inline="always", **_OPTIONS)(exp_sum)
+
+
+_exp_sum_stored, _exp_sum_only = _exp_loop(True), _exp_loop(False)
+
+
 @njit(inline="always", **_OPTIONS)
 def _exp_sum(xr, m, out, ahead):
     """``sum_j exp(x_j - m)`` in float64; each ``exp`` also stored in ``out`` if it is non-empty.
 
     While it computes, it prefetches ``ahead`` (the next row, or empty), so
     that reading the next row from memory overlaps this row's arithmetic.
+    Whether to store is decided once, here: with the test inside the block
+    loop, softmax at 8192x32000 ran 6% slower (2-core EPYC, providers in
+    random order, 25 repetitions).
     """
-    n = xr.shape[0]
-    total = 0.0
-    for b in range(0, n, _BLOCK):
-        end = min(b + _BLOCK, n)
-        for k in range(b, min(end, ahead.shape[0]), _LINE):
-            prefetch(ahead, k)
-        part = cast_like(0.0, xr)
-        # zero-based loops over slices: LLVM then knows the index is never
-        # negative and drops Numba's wraparound arithmetic from every load
-        xb = xr[b:end]
-        if out.shape[0] > 0:
-            ob = out[b:end]
-            for j in range(xb.shape[0]):
-                e = vexp_nonpos(xb[j] - m)
-                ob[j] = e
-                part += e
-        else:
-            for j in range(xb.shape[0]):
-                part += vexp_nonpos(xb[j] - m)
-        total += part
-    return total
+    if out.shape[0] > 0:
+        return _exp_sum_stored(xr, m, out, ahead)
+    return _exp_sum_only(xr, m, out, ahead)
 
 
 @njit(inline="always", **_OPTIONS)
@@ -233,6 +247,20 @@ def _stream_row(dst, src, scale):
         dst[k] = src[k] * scale
 
 
+@njit(inline="always", **_OPTIONS)
+def _flush(out, buf, pending, scale):
+    """Write the finished row held in ``buf`` to ``out[pending]`` (times ``scale``), if one is pending; returns -1: none is.
+
+    The streaming kernels write row ``i`` out only after the max pass of the
+    row after it: on the 2-core EPYC, softmax at 8192x32000 took 3% less time
+    than with each row written out as soon as it is done (median of paired
+    ratios, 25 repetitions with the variants in random order).
+    """
+    if pending >= 0:
+        _stream_row(out[pending], buf, scale)
+    return -1
+
+
 #: The fields of a work queue.
 _NEXT, _STEP, _WORKERS = 0, 1, 2
 
@@ -255,26 +283,31 @@ def _softmax_forward(x, y, scratch, queue):
     has a row per worker; when it has columns (the output is larger than the
     cache), each row is built in its worker's scratch row and written to ``y``
     with non-temporal stores, which saves reading ``y`` into the cache before
-    writing it; one fence per worker then makes those stores visible. A NaN anywhere in a row
+    writing it, once the worker has the max of its next row (:func:`_flush`);
+    one fence per worker then makes those stores visible. A NaN anywhere in a row
     makes the whole row NaN (through the sum); a row of all ``-inf`` gives NaN,
     as in PyTorch.
     """
     stream = scratch.shape[1] > 0
     for w in prange(queue[_WORKERS]):
+        pending, pending_inv = -1, cast_like(1.0, x)  # the row whose exps scratch[w] holds, not yet in y
         lo, hi = _claim(queue, x.shape[0])
         while lo < hi:
             for i in range(lo, hi):
                 xr = x[i]
                 buf = scratch[w] if stream else y[i]
                 m = _row_max(xr)
+                if stream:
+                    pending = _flush(y, buf, pending, pending_inv)
                 inv = cast_like(1.0 / _exp_sum(xr, m, buf, _next_row(x, i)), xr)
                 if stream:
-                    _stream_row(y[i], buf, inv)
+                    pending, pending_inv = i, inv
                 else:
                     for j in range(buf.shape[0]):
                         buf[j] *= inv
             lo, hi = _claim(queue, x.shape[0])
         if stream:
+            _flush(y, scratch[w], pending, pending_inv)
             store_fence()
 
 
@@ -303,18 +336,23 @@ def _log_softmax_forward(x, y, scratch, queue):
     """``y = (x - m) - log(sum(exp(x - m)))`` per row (``scratch`` as in :func:`_softmax_forward`)."""
     stream = scratch.shape[1] > 0
     no_store = x[0, :0]
+    one = cast_like(1.0, x)
     for w in prange(queue[_WORKERS]):
+        pending = -1
         lo, hi = _claim(queue, x.shape[0])
         while lo < hi:
             for i in range(lo, hi):
                 xr = x[i]
                 buf = scratch[w] if stream else y[i]
                 m = _row_max(xr)
+                if stream:
+                    pending = _flush(y, buf, pending, one)
                 _store_shifted(xr, buf, m, cast_like(math.log(_exp_sum(xr, m, no_store, _next_row(x, i))), xr))
                 if stream:
-                    _stream_row(y[i], buf, cast_like(1.0, buf))
+                    pending = i
             lo, hi = _claim(queue, x.shape[0])
         if stream:
+            _flush(y, scratch[w], pending, one)
             store_fence()
 
 
@@ -346,8 +384,10 @@ def _cross_entropy_index(x, target, weight, ignore_index, eps, scale, loss, grad
     has_w = weight.shape[0] > 0
     want_grad = grad.shape[0] > 0
     w_sum = _dot(weight, weight[:0]) if has_w else float(C)
-    stream = scratch.shape[1] > 0
+    stream = want_grad and scratch.shape[1] > 0
+    one = cast_like(1.0, x)
     for w in prange(queue[_WORKERS]):
+        pending = -1
         lo, hi = _claim(queue, R)
         while lo < hi:
             for i in range(lo, hi):
@@ -360,6 +400,8 @@ def _cross_entropy_index(x, target, weight, ignore_index, eps, scale, loss, grad
                 xr = x[i]
                 buf = _grad_row(scratch, grad, w, i)
                 m = _row_max(xr)
+                if stream:
+                    pending = _flush(grad, buf, pending, one)
                 s = _exp_sum(xr, m, buf, _next_row(x, i))
                 sum_wd = _gap_dot(xr, m, weight) if eps > 0.0 else 0.0
                 w_t = weight[t] if has_w else 1.0
@@ -376,9 +418,10 @@ def _cross_entropy_index(x, target, weight, ignore_index, eps, scale, loss, grad
                             buf[j] = buf[j] * ke - kw
                     buf[t] -= cast_like(k_hot, xr)
                     if stream:
-                        _stream_row(grad[i], buf, cast_like(1.0, buf))
+                        pending = i
             lo, hi = _claim(queue, R)
         if stream:
+            _flush(grad, scratch[w], pending, one)
             store_fence()
 
 
@@ -394,8 +437,10 @@ def _cross_entropy_prob(x, q, weight, eps, scale, loss, grad, scratch, queue):
     want_grad = grad.shape[0] > 0
     keep = 1.0 - eps
     spread = eps / C
-    stream = scratch.shape[1] > 0
+    stream = want_grad and scratch.shape[1] > 0
+    one = cast_like(1.0, x)
     for w in prange(queue[_WORKERS]):
+        pending = -1
         lo, hi = _claim(queue, R)
         while lo < hi:
             for i in range(lo, hi):
@@ -403,6 +448,8 @@ def _cross_entropy_prob(x, q, weight, eps, scale, loss, grad, scratch, queue):
                 qr = q[i]
                 buf = _grad_row(scratch, grad, w, i)
                 m = _row_max(xr)
+                if stream:
+                    pending = _flush(grad, buf, pending, one)
                 s = _exp_sum(xr, m, buf, _next_row(x, i))
                 a_sum, sum_ad = _target_sums(xr, m, qr, weight, keep, spread)
                 loss[i] = sum_ad + a_sum * math.log(s)
@@ -417,9 +464,10 @@ def _cross_entropy_prob(x, q, weight, eps, scale, loss, grad, scratch, queue):
                         for j in range(C):
                             buf[j] = buf[j] * ke - (k_keep * qr[j] + k_spread)
                     if stream:
-                        _stream_row(grad[i], buf, cast_like(1.0, buf))
+                        pending = i
             lo, hi = _claim(queue, R)
         if stream:
+            _flush(grad, scratch[w], pending, one)
             store_fence()
 
 

@@ -98,6 +98,15 @@ def test_implicit_dim_warns_and_matches_torch(op, ref):
 @pytest.mark.parametrize("op", [fastsoftmax.softmax, fastsoftmax.log_softmax], ids=OP_IDS)
 @pytest.mark.parametrize("shape,dim", [((300, 257), 1), ((6, 257, 50), 1)], ids=["rows", "middle"])
 def test_serial_and_parallel_kernels_agree(op, shape, dim, monkeypatch):
+    """The two twins of each kernel give the same outputs, to an ulp or two.
+
+    Not always bit for bit: Numba's on-disk cache of a ``parallel=True``
+    function holds machine code optimised apart from the code a fresh compile
+    runs (numba/numba#10617), and there the vectoriser may split the float32
+    sum of a row into other lanes. Measured: a freshly compiled parallel
+    softmax matched the serial one in every bit; loaded from the cache, 50
+    of 300 rows differed by an ulp.
+    """
     x = randn(*shape, dtype=torch.float32).requires_grad_()
     g = randn(*shape, dtype=torch.float32)
     results = []
@@ -105,8 +114,12 @@ def test_serial_and_parallel_kernels_agree(op, shape, dim, monkeypatch):
         monkeypatch.setattr(config, "CPU_PARALLEL_MIN_ELEMENTS", threshold)
         y = op(x, dim)
         results.append((y, *torch.autograd.grad(y, x, g)))
-    for serial, parallel in zip(*results):
-        torch.testing.assert_close(serial, parallel, rtol=0, atol=0)
+    (y_serial, dx_serial), (y_parallel, dx_parallel) = results
+    ulp = torch.finfo(torch.float32).eps
+    # log-probabilities near 0 are compared absolutely: an error there is a relative error of the probability
+    atol = 4 * ulp if op is fastsoftmax.log_softmax else 0.0
+    torch.testing.assert_close(y_parallel, y_serial, rtol=4 * ulp, atol=atol)
+    assert_close(dx_parallel, dx_serial)
 
 
 @pytest.mark.parametrize("op,ref", OPS, ids=OP_IDS)
