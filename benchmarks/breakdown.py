@@ -9,8 +9,10 @@
    one thread alone and on every thread at once (each over the same rows,
    into its own scratch row: do the threads share arithmetic units?), and
    for max + exp + the non-temporal write of the output on one thread.
-   Then the whole op at 8192x32000 on one thread and on all, beside
-   ``np.copyto`` of the same array, interleaved.
+   Then the whole op at 8192x32000 on one thread and on all, the same
+   work with no output written (its arithmetic and its reads), and a copy
+   of the array on all threads with the kernels' non-temporal stores (its
+   memory traffic), beside ``np.copyto`` of the same array, interleaved.
 2. Cross-entropy forward+backward at 256x10, interleaved: torch, ours, a
    trivial ``torch.autograd.Function`` with our signature (its forward
    returns a constant loss and saves a ready gradient, its backward returns
@@ -41,10 +43,12 @@ def _max_exp(x, scratch, reps, threads):
     """Max and exp passes of every row, ``reps`` times, on ``threads`` threads at once (each with its scratch row)."""
     total = np.zeros(threads)
     for w in numba.prange(threads):
+        part = 0.0  # summed here, not in total[w]: the threads' totals share a cache line
         for _ in range(reps):
             for i in range(x.shape[0]):
                 m = cpu._row_max(x[i])
-                total[w] += cpu._exp_sum(x[i], m, scratch[w], cpu._next_row(x, i))
+                part += cpu._exp_sum(x[i], m, scratch[w], cpu._next_row(x, i))
+        total[w] = part
     return total
 
 
@@ -57,6 +61,47 @@ def _max_exp_stream(x, y, scratch, reps):
             inv = cpu.cast_like(1.0 / cpu._exp_sum(x[i], m, scratch, cpu._next_row(x, i)), x)
             cpu._stream_row(y[i], scratch, inv)
     store_fence()
+
+
+@numba.njit(parallel=True, **_JIT)
+def _without_output(x, scratch, queue):
+    """The streaming softmax kernel with its output not written: each worker's max and exp passes over the rows it claims."""
+    total = np.zeros(queue[2])
+    for w in numba.prange(queue[2]):
+        part = 0.0
+        lo, hi = cpu._claim(queue, x.shape[0])
+        while lo < hi:
+            for i in range(lo, hi):
+                m = cpu._row_max(x[i])
+                part += cpu._exp_sum(x[i], m, scratch[w], cpu._next_row(x, i))
+            lo, hi = cpu._claim(queue, x.shape[0])
+        total[w] = part
+    return total
+
+
+@numba.njit(parallel=True, **_JIT)
+def _stream_copy(x, y, queue):
+    """``y = x`` with the kernels' row claims and non-temporal stores: the memory traffic of the op, nothing else."""
+    for w in numba.prange(queue[2]):
+        lo, hi = cpu._claim(queue, x.shape[0])
+        while lo < hi:
+            for i in range(lo, hi):
+                cpu._stream_row(y[i], x[i], cpu.cast_like(1.0, x))
+            lo, hi = cpu._claim(queue, x.shape[0])
+        store_fence()
+
+
+def _one_worker_per_thread(f):
+    """``f`` as a call that runs with a parallel chunk size of 1: each ``prange`` iteration (a worker) on its own thread."""
+
+    def call():
+        previous = numba.set_parallel_chunksize(1)
+        try:
+            f()
+        finally:
+            numba.set_parallel_chunksize(previous)
+
+    return call
 
 
 def _interleaved(calls: dict, repeats: int) -> dict:
@@ -73,20 +118,10 @@ def softmax_passes(repeats: int) -> dict:
     ys = np.empty_like(xs)
     scratch = np.empty((threads, n_cols), np.float32)
 
-    def max_exp(n):
-        def call():
-            previous = numba.set_parallel_chunksize(1)  # one worker per thread
-            try:
-                _max_exp(xs, scratch, reps, n)
-            finally:
-                numba.set_parallel_chunksize(previous)
-
-        return call
-
     med = _interleaved(
         {
-            "max+exp, 1 thread": max_exp(1),
-            f"max+exp, {threads} threads at once": max_exp(threads),
+            "max+exp, 1 thread": _one_worker_per_thread(lambda: _max_exp(xs, scratch, reps, 1)),
+            f"max+exp, {threads} threads at once": _one_worker_per_thread(lambda: _max_exp(xs, scratch, reps, threads)),
             "max+exp+write, 1 thread": lambda: _max_exp_stream(xs, ys, scratch[0], reps),
         },
         repeats,
@@ -106,7 +141,22 @@ def softmax_passes(repeats: int) -> dict:
 
         return call
 
-    whole = _interleaved({"1 thread": on(1), f"{threads} threads": on(threads), "np.copyto": copy}, repeats)
+    xn, yn = x.numpy(), np.empty((8192, n_cols), np.float32)
+    wide = np.empty((threads, n_cols), np.float32)
+
+    def queue():
+        return np.array([0, 8192 // (threads * 64), threads], np.int64)
+
+    whole = _interleaved(
+        {
+            "1 thread": on(1),
+            f"{threads} threads": on(threads),
+            f"{threads} threads, max+exp only (no output)": _one_worker_per_thread(lambda: _without_output(xn, wide, queue())),
+            f"{threads}-thread non-temporal copy": _one_worker_per_thread(lambda: _stream_copy(xn, yn, queue())),
+            "np.copyto": copy,
+        },
+        repeats,
+    )
     return {"per_row_us_in_cache": per_row_us, "whole_op_ms": {k: v * 1e3 for k, v in whole.items()}}
 
 

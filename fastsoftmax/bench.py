@@ -2,7 +2,7 @@
 
 Every op is timed for every provider on the same inputs, the providers
 interleaved within each repetition (so that a slow moment of a shared
-machine falls on all of them), after a warm-up that includes Numba's and
+machine falls on all of them), in a new random order each time, after a warm-up that includes Numba's and
 ``torch.compile``'s compilation. A row reports the median time, the
 effective bandwidth ``bytes / median`` for a stated byte count, that
 bandwidth as a fraction of a plain copy of the same array (timed in the same
@@ -21,6 +21,7 @@ import gc
 import json
 import os
 import platform
+import random
 import statistics
 import threading
 import time
@@ -116,15 +117,23 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_case(case: Case, repeats: int, warmup: int = 2) -> dict:
-    """Median seconds per provider, providers interleaved within each repetition."""
+def time_case(case: Case, repeats: int, warmup: int = 2, seed: int = 0) -> dict:
+    """Seconds per call, a list per provider: providers interleaved within each repetition.
+
+    Each repetition runs the providers in a new random order (from ``seed``),
+    so that none always follows the same one: a call that runs after a
+    large copy or a cache-flushing naive op can find the caches, the
+    write-combining buffers or the memory controller in a different state.
+    """
     for call in case.calls.values():
         for _ in range(warmup):
             call()
     _sync(case.device)
     times = {p: [] for p in case.calls}
+    order = random.Random(seed)
     for _ in range(repeats):
-        for provider, call in case.calls.items():
+        for provider in order.sample(list(case.calls), len(case.calls)):
+            call = case.calls[provider]
             _sync(case.device)
             start = time.perf_counter()
             call()

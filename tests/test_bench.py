@@ -48,3 +48,14 @@ def test_unknown_op_and_provider():
         bench.make_case("softmin", 2, 2)
     with pytest.raises(ValueError, match="unknown provider"):
         bench.make_case("softmax_fwd", 2, 2, providers=("jax",))
+
+
+def test_time_case_runs_every_provider_each_repetition_in_a_varying_order():
+    calls = []
+    case = bench.Case("softmax_fwd", 1, 1, torch.float32, "cpu", calls={p: (lambda p=p: calls.append(p)) for p in "abcd"})
+    times = bench.time_case(case, repeats=20, warmup=0)
+    assert {p: len(t) for p, t in times.items()} == {p: 20 for p in "abcd"}
+    rounds = [tuple(calls[i : i + 4]) for i in range(0, 80, 4)]
+    assert all(sorted(r) == list("abcd") for r in rounds)
+    assert len(set(rounds)) > 1  # not one fixed order
+    assert {r[0] for r in rounds} == set("abcd")  # each provider sometimes runs first
