@@ -149,8 +149,8 @@ def _exp_sum(xr, m, out, ahead):
     While it computes, it prefetches ``ahead`` (the next row, or empty), so
     that reading the next row from memory overlaps this row's arithmetic.
     Whether to store is decided once, here: with the test inside the block
-    loop, softmax at 8192x32000 ran 6% slower (2-core EPYC, providers in
-    random order, 25 repetitions).
+    loop, softmax at 8192x32000 ran 6% slower (2-core EPYC, median of paired
+    ratios, 25 repetitions with the variants in random order).
     """
     if out.shape[0] > 0:
         return _exp_sum_stored(xr, m, out, ahead)
