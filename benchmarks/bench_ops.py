@@ -2,7 +2,7 @@
 
 import torch
 
-from fastsoftmax import bench
+from fastsoftmax.apps import bench
 
 
 def test_provider(benchmark, case_spec):

@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/breakdown.py [--repeats 15] [--out FILE]
 
 1. Softmax forward, float32, 32000 columns. The row kernel's passes,
-   rebuilt from its own pieces (``kernels.cpu``: ``_row_max``, ``_exp_sum``,
-   ``_stream_row``), timed over 100 rows that stay in the last-level cache:
+   rebuilt from its own pieces (``kernels.cpu_common``: ``row_max_of``, ``exp_sum``,
+   ``stream_row``), timed over 100 rows that stay in the last-level cache:
    microseconds per row for max + exp (the exps stored in a scratch row) on
    one thread alone and on every thread at once (each over the same rows,
    into its own scratch row: do the threads share arithmetic units?), and
@@ -31,11 +31,12 @@ import numpy as np
 import torch
 
 import fastsoftmax
-from fastsoftmax import _cpu_backend, bench
-from fastsoftmax.kernels import cpu
-from fastsoftmax.kernels._llvm import store_fence
+from fastsoftmax.apps import bench
+from fastsoftmax.backends import cpu as cpu_backend
+from fastsoftmax.kernels import cpu_common, cpu_rows, jit
+from fastsoftmax.kernels.intrinsics import store_fence
 
-_JIT = dict(cpu._OPTIONS, cache=False)
+_JIT = dict(jit.OPTIONS, cache=False)
 
 
 @numba.njit(parallel=True, **_JIT)
@@ -46,8 +47,8 @@ def _max_exp(x, scratch, reps, threads):
         part = 0.0  # summed here, not in total[w]: the threads' totals share a cache line
         for _ in range(reps):
             for i in range(x.shape[0]):
-                m = cpu._row_max(x[i])
-                part += cpu._exp_sum(x[i], m, scratch[w], cpu._next_row(x, i))
+                m = cpu_common.row_max_of(x[i])
+                part += cpu_common.exp_sum(x[i], m, scratch[w], cpu_common.next_row(x, i))
         total[w] = part
     return total
 
@@ -57,9 +58,9 @@ def _max_exp_stream(x, y, scratch, reps):
     """As :func:`_max_exp`, then each row scaled and streamed to ``y``: the row kernel's three passes."""
     for _ in range(reps):
         for i in range(x.shape[0]):
-            m = cpu._row_max(x[i])
-            inv = cpu.cast_like(1.0 / cpu._exp_sum(x[i], m, scratch, cpu._next_row(x, i)), x)
-            cpu._stream_row(y[i], scratch, inv)
+            m = cpu_common.row_max_of(x[i])
+            inv = jit.cast_like(1.0 / cpu_common.exp_sum(x[i], m, scratch, cpu_common.next_row(x, i)), x)
+            cpu_common.stream_row(y[i], scratch, inv)
     store_fence()
 
 
@@ -69,12 +70,12 @@ def _without_output(x, scratch, queue):
     total = np.zeros(queue[2])
     for w in numba.prange(queue[2]):
         part = 0.0
-        lo, hi = cpu._claim(queue, x.shape[0])
+        lo, hi = cpu_common.claim(queue, x.shape[0])
         while lo < hi:
             for i in range(lo, hi):
-                m = cpu._row_max(x[i])
-                part += cpu._exp_sum(x[i], m, scratch[w], cpu._next_row(x, i))
-            lo, hi = cpu._claim(queue, x.shape[0])
+                m = cpu_common.row_max_of(x[i])
+                part += cpu_common.exp_sum(x[i], m, scratch[w], cpu_common.next_row(x, i))
+            lo, hi = cpu_common.claim(queue, x.shape[0])
         total[w] = part
     return total
 
@@ -83,11 +84,11 @@ def _without_output(x, scratch, queue):
 def _stream_copy(x, y, queue):
     """``y = x`` with the kernels' row claims and non-temporal stores: the memory traffic of the op, nothing else."""
     for w in numba.prange(queue[2]):
-        lo, hi = cpu._claim(queue, x.shape[0])
+        lo, hi = cpu_common.claim(queue, x.shape[0])
         while lo < hi:
             for i in range(lo, hi):
-                cpu._stream_row(y[i], x[i], cpu.cast_like(1.0, x))
-            lo, hi = cpu._claim(queue, x.shape[0])
+                cpu_common.stream_row(y[i], x[i], jit.cast_like(1.0, x))
+            lo, hi = cpu_common.claim(queue, x.shape[0])
         store_fence()
 
 
@@ -145,7 +146,7 @@ def softmax_passes(repeats: int) -> dict:
     wide = np.empty((threads, n_cols), np.float32)
 
     def queue():  # a fresh work queue, as the op makes for itself
-        return _cpu_backend._queue(8192, n_cols, threads)
+        return cpu_backend._queue(8192, n_cols, threads)
 
     whole = _interleaved(
         {
@@ -192,7 +193,7 @@ def cross_entropy_small(repeats: int) -> dict:
 
     def kernel():
         queue = np.array([0, 256, 1], np.int64)
-        cpu.cross_entropy_index[False](xn, tn, no_weight, -100, 0.0, 1 / 256, loss, grad, no_scratch, queue)
+        cpu_rows.cross_entropy_index[False](xn, tn, no_weight, -100, 0.0, 1 / 256, loss, grad, no_scratch, queue)
 
     calls = {
         "torch": fwd_bwd(torch.nn.functional.cross_entropy),

@@ -10,7 +10,7 @@ compares the providers on one op and shape:
 
 import torch
 
-from fastsoftmax import bench
+from fastsoftmax.apps import bench
 
 # shapes run when benchmarks are only checked, not timed
 CHECK_SHAPES = ((256, 10), (512, 1000))

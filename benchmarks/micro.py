@@ -18,7 +18,7 @@ import statistics
 
 import torch
 
-from fastsoftmax import bench
+from fastsoftmax.apps import bench
 
 FIGURES = [
     # (op, shape, what the issue asks)

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/middle_axis.py [--repeats 15] [--out FILE]
 
-These shapes run the middle-axis kernels (``kernels/cpu.py``), which reduce
+These shapes run the middle-axis kernels (``kernels/cpu_middle.py``), which reduce
 the dimension in place instead of moving it last and back. Providers are
 interleaved within each repetition (``fastsoftmax.bench.time_case``), with a
 plain copy of the input as the bandwidth yardstick; each figure is a ratio of
@@ -19,7 +19,7 @@ import statistics
 import torch
 
 import fastsoftmax
-from fastsoftmax import bench
+from fastsoftmax.apps import bench
 from fastsoftmax.kernels import config
 
 SHAPES = [

@@ -5,14 +5,33 @@ Numba kernels for the CPU and NVIDIA GPUs behind the signatures of
 
     import fastsoftmax as F          # instead of: import torch.nn.functional as F
     loss = F.cross_entropy(logits, target, label_smoothing=0.1)
+
+Importing this package is cheap: torch, Numba and the kernels load on first
+use of a name that needs them (PEP 562), so the command line answers at
+once. When torch is already imported, the ``torch.ops.fastsoftmax`` ops are
+registered right away, so that they exist for code that calls them directly.
 """
 
-from . import _ops, naive, nn  # noqa: F401  (_ops registers the torch.library ops)
-from ._pool import empty_cache
-from .autograd import CrossEntropyFunction, LogSoftmaxFunction, SoftmaxFunction
-from .functional import cross_entropy, log_softmax, softmax
+import importlib
+import sys
 
 __version__ = "0.1.0"
+
+#: public name -> the module that defines it
+_LAZY = {
+    "softmax": "fastsoftmax.functional",
+    "log_softmax": "fastsoftmax.functional",
+    "cross_entropy": "fastsoftmax.functional",
+    "SoftmaxFunction": "fastsoftmax.ops.softmax",
+    "LogSoftmaxFunction": "fastsoftmax.ops.softmax",
+    "CrossEntropyFunction": "fastsoftmax.ops.cross_entropy",
+    "empty_cache": "fastsoftmax.ops.pool",
+}
+
+#: submodules reachable as attributes (``fastsoftmax.nn.CrossEntropyLoss``)
+_SUBMODULES = {"nn", "functional", "ops", "errors", "validation", "backends", "kernels"}
+
+_ALIASES = {"naive": "fastsoftmax.apps.naive"}
 
 __all__ = [
     "softmax",
@@ -25,3 +44,24 @@ __all__ = [
     "naive",
     "empty_cache",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    elif name in _ALIASES:
+        value = importlib.import_module(_ALIASES[name])
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__) | _SUBMODULES)
+
+
+if "torch" in sys.modules:
+    from . import ops  # noqa: F401  (registers torch.ops.fastsoftmax.*)

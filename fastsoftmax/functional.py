@@ -1,9 +1,9 @@
 r"""Drop-in replacements for ``torch.nn.functional.softmax``, ``log_softmax`` and ``cross_entropy``.
 
 Same signatures, same semantics, same results to floating-point rounding.
-In eager mode they run the :mod:`fastsoftmax.autograd` Functions; under
-``torch.compile`` the registered ops of :mod:`fastsoftmax._ops`, so a model
-that uses them compiles with ``fullgraph=True``.
+In eager mode they run the autograd Functions of :mod:`fastsoftmax.ops`;
+under ``torch.compile`` the registered ``torch.ops.fastsoftmax`` ops, so a
+model that uses them compiles with ``fullgraph=True``.
 
 The numerics. With :math:`m = \max_j x_j` and :math:`s = \sum_j e^{x_j - m}`
 (every exponent :math:`\le 0`, so nothing overflows and :math:`s \ge 1`):
@@ -20,8 +20,9 @@ import warnings
 import torch
 from torch.nn import _reduction
 
-from . import _dispatch, _host, _ops
-from .autograd import CrossEntropyFunction, LogSoftmaxFunction, SoftmaxFunction
+from . import validation
+from .ops import cross_entropy as ce_op
+from .ops import softmax as softmax_op
 
 __all__ = ["softmax", "log_softmax", "cross_entropy"]
 
@@ -37,18 +38,18 @@ def _implicit_dim(ndim: int, name: str, stacklevel: int) -> int:
 
 def _softmax(input, dim, stacklevel, dtype, log: bool):
     name = "log_softmax" if log else "softmax"
-    _dispatch.check_logits(input)
+    validation.check_logits(input)
     if dim is None:
         dim = _implicit_dim(input.ndim, name, stacklevel)
-    dim = _dispatch.normalize_dim(dim, input.ndim)
+    dim = validation.normalize_dim(dim, input.ndim)
     if dtype is not None:
         input = input.to(dtype)
-        _dispatch.check_logits(input)
+        validation.check_logits(input)
     if torch.compiler.is_compiling():
-        return (_ops.log_softmax if log else _ops.softmax)(input, dim)
+        return (softmax_op.log_softmax_op if log else softmax_op.softmax_op)(input, dim)
     if not (input.requires_grad and torch.is_grad_enabled()):
-        return _host.softmax_forward(input, dim, log)  # no graph to record: skip autograd.Function's cost
-    return (LogSoftmaxFunction if log else SoftmaxFunction).apply(input, dim)
+        return softmax_op.forward(input, dim, log)  # no graph to record: skip autograd.Function's cost
+    return (softmax_op.LogSoftmaxFunction if log else softmax_op.SoftmaxFunction).apply(input, dim)
 
 
 def softmax(input, dim=None, _stacklevel=3, dtype=None):
@@ -77,48 +78,6 @@ def log_softmax(input, dim=None, _stacklevel=3, dtype=None):
     Backward: :math:`\partial x = \partial y - e^{y} \sum_k \partial y_k`.
     """
     return _softmax(input, dim, _stacklevel + 1, dtype, log=True)
-
-
-def _check_cross_entropy(input, target, weight, reduction, label_smoothing):
-    _dispatch.check_logits(input)
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"fastsoftmax: target must be a torch.Tensor, got {type(target).__name__}")
-    _dispatch.check_same_device(input, target, "target")
-    _dispatch.check_reduction(reduction)
-    _dispatch.check_label_smoothing(label_smoothing)
-    if input.ndim == 0:
-        raise ValueError("fastsoftmax: input must have a class dimension: shape (C), (N, C) or (N, C, d1, ..., dk)")
-    n_classes = input.shape[0 if input.ndim == 1 else 1]
-    if n_classes == 0:
-        raise ValueError(f"fastsoftmax: input of shape {tuple(input.shape)} has no classes")
-    if weight is not None:
-        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-            raise TypeError("fastsoftmax: weight must be a floating-point tensor")
-        _dispatch.check_same_device(input, weight, "weight")
-        if weight.shape != (n_classes,):
-            raise ValueError(
-                f"fastsoftmax: weight must have shape ({n_classes},), one per class, got {tuple(weight.shape)}"
-            )
-    if input.shape == target.shape:
-        if not target.is_floating_point():
-            raise TypeError(
-                f"fastsoftmax: a target of the input's shape {tuple(input.shape)} holds class probabilities "
-                f"and must be floating point, got dtype {target.dtype}"
-            )
-        return
-    if target.is_floating_point():
-        raise ValueError(
-            f"fastsoftmax: probability targets must have the input's shape {tuple(input.shape)}, "
-            f"got {tuple(target.shape)}"
-        )
-    if target.dtype not in (torch.int64, torch.uint8):
-        raise TypeError(f"fastsoftmax: class-index targets must be int64 (or uint8), got dtype {target.dtype}")
-    expected = input.shape[:1] + input.shape[2:] if input.ndim > 1 else torch.Size([])
-    if target.shape != expected:
-        raise ValueError(
-            f"fastsoftmax: for input of shape {tuple(input.shape)} class-index targets must have shape "
-            f"{tuple(expected)}, got {tuple(target.shape)}"
-        )
 
 
 def cross_entropy(
@@ -153,7 +112,7 @@ def cross_entropy(
     :math:`\partial \ell / \partial x_c = (\sum_k a_k) p_c - a_c` with :math:`a`
     the coefficients above, is computed in the same pass as the loss.
     Probability targets and weights that require grad get their gradients
-    too, through :func:`_cross_entropy_composite`.
+    too, through :func:`fastsoftmax.ops.cross_entropy.composite`.
 
     Raises:
         IndexError: a class index outside ``[0, C)`` that is not ``ignore_index``.
@@ -163,7 +122,7 @@ def cross_entropy(
     """
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
-    _check_cross_entropy(input, target, weight, reduction, label_smoothing)
+    validation.check_cross_entropy(input, target, weight, reduction, label_smoothing)
     label_smoothing = float(label_smoothing)
     grad_mode = torch.is_grad_enabled()
     if grad_mode and weight is not None and weight.requires_grad and not target.is_floating_point():
@@ -173,35 +132,12 @@ def cross_entropy(
             "detach the weight"
         )
     if grad_mode and (target.requires_grad or (weight is not None and weight.requires_grad)):
-        return _cross_entropy_composite(input, target, weight, reduction, label_smoothing)
+        return ce_op.composite(input, target, weight, reduction, label_smoothing, log_softmax)
     if torch.compiler.is_compiling():
         compute_grad = input.requires_grad and grad_mode
-        loss, _ = _ops.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad)
+        loss, _ = ce_op.cross_entropy_op(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad)
         return loss
     if not (grad_mode and input.requires_grad):
-        loss, _ = _host.cross_entropy_forward(input, target, weight, ignore_index, reduction, label_smoothing, False)
+        loss, _ = ce_op.forward(input, target, weight, ignore_index, reduction, label_smoothing, False)
         return loss
-    return CrossEntropyFunction.apply(input, target, weight, ignore_index, reduction, label_smoothing)
-
-
-def _cross_entropy_composite(input, target, weight, reduction, label_smoothing):
-    r"""Cross-entropy with probability targets (or weights) that require grad.
-
-    The fused kernel returns no gradient for ``target`` or ``weight``, so here
-    the loss is composed of our :func:`log_softmax` and torch ops, as torch
-    composes it, and autograd differentiates all three:
-    :math:`\ell = -\sum_c w_c q'_c \log p_c`, :math:`\partial \ell / \partial q_c = -(1 - \varepsilon) w_c \log p_c`.
-    """
-    class_dim = 0 if input.ndim == 1 else 1
-    n_classes = input.shape[class_dim]
-    logp = log_softmax(input, class_dim)
-    q = target if label_smoothing == 0.0 else target * (1 - label_smoothing) + label_smoothing / n_classes
-    terms = logp * q
-    if weight is not None:
-        terms = terms * weight.view([n_classes] + [1] * (input.ndim - class_dim - 1))
-    loss = -terms.sum(class_dim)
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / (input.numel() // n_classes)  # 0 / 0 = NaN for an empty batch, as in torch
+    return ce_op.CrossEntropyFunction.apply(input, target, weight, ignore_index, reduction, label_smoothing)

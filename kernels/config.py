@@ -17,10 +17,8 @@ CPU_PARALLEL_MIN_ELEMENTS = 1 << 15
 #: The parallel CPU kernels' threads claim rows from a shared counter, in
 #: claims of about rows / (threads x this) rows. A thread that runs slower
 #: (descheduled, or on a busy core of a virtual machine) then takes fewer
-#: rows; at the end the faster thread waits for at most one claim. Measured
-#: on the 2-core EPYC at 8192x32000 float32, where one vCPU often ran 30-40%
-#: slower than the other: with a fixed half each the op took the slow
-#: thread's time (median 134 ms), with claims 116 ms.
+#: rows instead of holding up the op with a fixed share; at the end the
+#: faster thread waits for at most one claim.
 CPU_CLAIMS_PER_THREAD = 64
 
 #: ...but no claim is smaller than this many elements, so that claiming
@@ -30,9 +28,7 @@ CPU_MIN_CLAIM_ELEMENTS = 1 << 14
 #: While computing row i the CPU kernels prefetch row i + this. One row
 #: ahead keeps the row being computed, the prefetched one and the scratch row
 #: (3 x 128 KiB at 32000 float32 columns) inside a 512 KiB L2; two rows ahead
-#: overflow it. Measured on the 2-core EPYC at 8192x32000 float32, medians of
-#: interleaved runs: one row ahead 116-122 ms, two rows 123-136 ms (none: about
-#: 160 ms). Read when the kernels are compiled.
+#: overflow it. Read when the kernels are compiled.
 CPU_PREFETCH_ROWS = 1
 
 #: Softmax over a dimension that is not last (dim 1 of NCHW, say) runs the
@@ -45,10 +41,8 @@ CPU_MIDDLE_MIN_INNER = 16
 #: W chosen so that the block of input and output (2 x C x W elements) is
 #: about this many bytes. The block is swept three times over C, so it
 #: should stay in cache, but each class of each sweep costs a loop set-up,
-#: so W should be wide: on the 2-core EPYC (512 KiB L2, 32 MiB L3), softmax
-#: over dim 0 of (1000, 4096) float32 ran 1.1x torch with 256 KiB blocks
-#: (W = 32), 1.4x with 512 KiB, 2.0x with 2 MiB (W = 256), the same up to
-#: 8 MiB; over dim 1 of (64, 1000, 196): 1.7x, 2.1x, 4.6x.
+#: so W should be wide: a block of a few MiB still sits in the last-level
+#: cache and amortises the set-up over many positions.
 CPU_MIDDLE_BLOCK_BYTES = 2 << 20
 
 #: Outputs of at least this many bytes are written with non-temporal stores

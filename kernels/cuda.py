@@ -30,220 +30,19 @@ import math
 from functools import lru_cache
 
 from numba import cuda
-from numba.cuda.types import boolean, float16, float32, float64, int64, uint16, void
+from numba.cuda.types import boolean, float32, float64, int64, void
 
-from . import config, rowmath
-
-#: Device functions are inlined into their callers at Numba IR level. Besides
-#: saving a call, this is what lets ``compile_ptx`` build the kernels on a
-#: machine with no GPU: a separately compiled device function asks the driver
-#: for the current device's compute capability.
-_device = cuda.jit(device=True, inline="always")
-
-_online_update = _device(rowmath.online_update)
-_lse_merge = _device(rowmath.lse_merge)
-_ce_index_loss = _device(rowmath.ce_index_loss)
-_ce_index_grad_coeffs = _device(rowmath.ce_index_grad_coeffs)
-
-#: Storage dtypes, by name, and the numba array element type each is passed as.
-DTYPES = {"float32": float32, "float64": float64, "float16": float16, "bfloat16": uint16}
-
-_FULL_MASK = 0xFFFFFFFF
-_WARP = 32
-
-
-# --- loading and storing each dtype in the accumulation type ------------------
-
-
-@lru_cache(maxsize=None)
-def _codec(dtype: str):
-    """``(load, store, acc)``: read an element as ``acc``, write an ``acc`` rounded to the storage dtype."""
-    if dtype == "bfloat16":
-        from numba.cuda import bf16
-
-        @_device
-        def load(a, i, j):
-            return bf16.bfloat162float(bf16.ushort_as_bfloat16(a[i, j]))
-
-        @_device
-        def store(a, i, j, v):
-            a[i, j] = bf16.bfloat16_as_ushort(bf16.float2bfloat16_rn(v))
-
-        return load, store, float32
-    acc = float64 if dtype == "float64" else float32
-    elem = DTYPES[dtype]
-
-    @_device
-    def load(a, i, j):
-        return acc(a[i, j])
-
-    @_device
-    def store(a, i, j, v):
-        a[i, j] = elem(v)
-
-    return load, store, acc
-
-
-# --- reductions over a group of threads (a warp or the whole block) ------------
-
-
-@_device
-def _add(a, b):
-    return a + b
-
-
-@_device
-def _max(a, b):
-    # NaN-ignoring, like the CPU's maxnum: a NaN reaches the result through the sum instead
-    return b if b > a else a
-
-
-@lru_cache(maxsize=None)
-def _reducers(group: int, threads: int, use_shuffle: bool):
-    """Device functions reducing over each ``group`` of consecutive threads of a block.
-
-    ``max_(v, sm)``, ``sum_(v, sm)``, ``lse_(m, s, sm_m, sm_s)`` return the
-    group's result to every thread of the group; ``sm*`` are shared arrays of
-    ``threads`` elements. Every thread of the block must call them (they
-    synchronise the block).
-    """
-    if not use_shuffle:
-        return _tree(_max, group), _tree(_add, group), _tree_lse(group)
-    if group == _WARP:
-        return _warp(_max), _warp(_add), _warp_lse()
-    n_warps = threads // _WARP
-    return _block(_max, n_warps), _block(_add, n_warps), _block_lse(n_warps)
-
-
-# shared-memory trees over each group: no shuffles, so the CUDA simulator runs them
-
-
-def _tree(combine, group):
-    @_device
-    def reduce(v, sm):
-        tid = cuda.threadIdx.x
-        lane = tid % group
-        cuda.syncthreads()
-        sm[tid] = v
-        cuda.syncthreads()
-        stride = group // 2
-        while stride > 0:
-            if lane < stride:
-                sm[tid] = combine(sm[tid], sm[tid + stride])
-            cuda.syncthreads()
-            stride //= 2
-        return sm[tid - lane]
-
-    return reduce
-
-
-def _tree_lse(group):
-    @_device
-    def reduce(m, s, sm_m, sm_s):
-        tid = cuda.threadIdx.x
-        lane = tid % group
-        cuda.syncthreads()
-        sm_m[tid] = m
-        sm_s[tid] = s
-        cuda.syncthreads()
-        stride = group // 2
-        while stride > 0:
-            if lane < stride:
-                a, b = _lse_merge(sm_m[tid], sm_s[tid], sm_m[tid + stride], sm_s[tid + stride])
-                sm_m[tid] = a
-                sm_s[tid] = b
-            cuda.syncthreads()
-            stride //= 2
-        base = tid - lane
-        return sm_m[base], sm_s[base]
-
-    return reduce
-
-
-# warp shuffles (hardware): a butterfly leaves the result in every lane
-
-
-def _warp(combine):
-    @_device
-    def reduce(v, sm):
-        offset = _WARP // 2
-        while offset > 0:
-            v = combine(v, cuda.shfl_xor_sync(_FULL_MASK, v, offset))
-            offset //= 2
-        return v
-
-    return reduce
-
-
-def _warp_lse():
-    @_device
-    def reduce(m, s, sm_m, sm_s):
-        offset = _WARP // 2
-        while offset > 0:
-            m2 = cuda.shfl_xor_sync(_FULL_MASK, m, offset)
-            s2 = cuda.shfl_xor_sync(_FULL_MASK, s, offset)
-            m, s = _lse_merge(m, s, m2, s2)
-            offset //= 2
-        return m, s
-
-    return reduce
-
-
-# a whole block: shuffles inside each warp, then every thread combines the
-# warps' results from shared memory
-
-
-def _block(combine, n_warps):
-    in_warp = _warp(combine)
-
-    @_device
-    def reduce(v, sm):
-        tid = cuda.threadIdx.x
-        v = in_warp(v, sm)
-        cuda.syncthreads()
-        if tid % _WARP == 0:
-            sm[tid // _WARP] = v
-        cuda.syncthreads()
-        v = sm[0]
-        for w in range(1, n_warps):
-            v = combine(v, sm[w])
-        return v
-
-    return reduce
-
-
-def _block_lse(n_warps):
-    in_warp = _warp_lse()
-
-    @_device
-    def reduce(m, s, sm_m, sm_s):
-        tid = cuda.threadIdx.x
-        m, s = in_warp(m, s, sm_m, sm_s)
-        cuda.syncthreads()
-        if tid % _WARP == 0:
-            sm_m[tid // _WARP] = m
-            sm_s[tid // _WARP] = s
-        cuda.syncthreads()
-        m = sm_m[0]
-        s = sm_s[0]
-        for w in range(1, n_warps):
-            m, s = _lse_merge(m, s, sm_m[w], sm_s[w])
-        return m, s
-
-    return reduce
-
-
-@_device
-def _my_row(group, n_rows):
-    """``(lane, row, active)`` of this thread: its lane in its group of ``group``
-    threads, the row its group handles (64-bit; row 0 for the idle groups past
-    the last row, which still join the block's reductions), and whether that
-    row exists."""
-    tid = cuda.threadIdx.x
-    row = int64(cuda.blockIdx.x) * (cuda.blockDim.x // group) + tid // group
-    active = row < n_rows
-    return tid % group, (row if active else int64(0)), active
-
+from . import config
+from .cuda_reduce import (
+    DTYPES,
+    WARP,
+    ce_index_grad_coeffs,
+    ce_index_loss,
+    codec,
+    my_row,
+    online_update,
+    reducers,
+)
 
 # --- launch plans --------------------------------------------------------------
 
@@ -252,7 +51,7 @@ def plan(n_cols: int):
     """``(group, threads, items)``: threads per row, per block, and row elements kept per thread."""
     threads = config.CUDA_THREADS_PER_BLOCK
     if n_cols <= config.CUDA_WARP_ROW_MAX_COLS:
-        return _WARP, threads, max(1, -(-config.CUDA_WARP_ROW_MAX_COLS // _WARP))
+        return WARP, threads, max(1, -(-config.CUDA_WARP_ROW_MAX_COLS // WARP))
     return threads, threads, max(1, -(-config.CUDA_BLOCK_ROW_MAX_COLS // threads))
 
 
@@ -267,13 +66,13 @@ def grid(n_rows: int, group: int, threads: int) -> int:
 @lru_cache(maxsize=None)
 def softmax_forward(dtype: str, log: bool, group: int, threads: int, items: int, use_shuffle: bool):
     """Kernel ``(x, y)``: ``y = softmax(x)`` (``log``: ``log_softmax``) along the last axis of 2-D arrays."""
-    load, store, acc = _codec(dtype)
-    max_, sum_, lse_ = _reducers(group, threads, use_shuffle)
+    load, store, acc = codec(dtype)
+    max_, sum_, lse_ = reducers(group, threads, use_shuffle)
     neg_inf = -math.inf
 
     def kernel(x, y):
         n_rows, n_cols = x.shape
-        lane, r, active = _my_row(group, n_rows)
+        lane, r, active = my_row(group, n_rows)
         sm_a = cuda.shared.array(threads, acc)
         sm_b = cuda.shared.array(threads, acc)
         if n_cols <= group * items:
@@ -309,7 +108,7 @@ def softmax_forward(dtype: str, log: bool, group: int, threads: int, items: int,
             m = acc(neg_inf)
             s = acc(0.0)
             for j in range(lane, n_cols, group):
-                m, s = _online_update(m, s, load(x, r, j))
+                m, s = online_update(m, s, load(x, r, j))
             m, s = lse_(m, s, sm_a, sm_b)
             if active:
                 if log:
@@ -327,12 +126,12 @@ def softmax_forward(dtype: str, log: bool, group: int, threads: int, items: int,
 @lru_cache(maxsize=None)
 def softmax_backward(dtype: str, log: bool, group: int, threads: int, items: int, use_shuffle: bool):
     """Kernel ``(y, dy, dx)``: ``dx = y * (dy - sum(dy * y))`` (``log``: ``dx = dy - exp(y) * sum(dy)``)."""
-    load, store, acc = _codec(dtype)
-    _, sum_, _ = _reducers(group, threads, use_shuffle)
+    load, store, acc = codec(dtype)
+    _, sum_, _ = reducers(group, threads, use_shuffle)
 
     def kernel(y, dy, dx):
         n_rows, n_cols = y.shape
-        lane, r, active = _my_row(group, n_rows)
+        lane, r, active = my_row(group, n_rows)
         sm = cuda.shared.array(threads, acc)
         t = acc(0.0)
         for j in range(lane, n_cols, group):
@@ -367,14 +166,14 @@ def cross_entropy_index(dtype: str, group: int, threads: int, items: int, use_sh
     ``[0, C)`` that is not ``ignore_index`` gives a NaN loss and NaN gradient
     row, never an out-of-bounds read.
     """
-    load, store, acc = _codec(dtype)
-    _, sum_, lse_ = _reducers(group, threads, use_shuffle)
+    load, store, acc = codec(dtype)
+    _, sum_, lse_ = reducers(group, threads, use_shuffle)
     neg_inf = -math.inf
     nan = math.nan
 
     def kernel(x, target, weight, has_w, ignore_index, eps, scale, loss, grad, want_grad):
         n_rows, n_cols = x.shape
-        lane, r, active = _my_row(group, n_rows)
+        lane, r, active = my_row(group, n_rows)
         sm_a = cuda.shared.array(threads, acc)
         sm_b = cuda.shared.array(threads, acc)
         t = target[r]
@@ -392,17 +191,17 @@ def cross_entropy_index(dtype: str, group: int, threads: int, items: int, use_sh
                 v = load(x, r, j) if j < n_cols else acc(neg_inf)
                 vals[k] = v
                 if j < n_cols:
-                    m, s = _online_update(m, s, v)
+                    m, s = online_update(m, s, v)
         else:
             for j in range(lane, n_cols, group):
-                m, s = _online_update(m, s, load(x, r, j))
+                m, s = online_update(m, s, load(x, r, j))
         m, s = lse_(m, s, sm_a, sm_b)
         w_t = acc(weight[tt]) if has_w else acc(1.0)
         w_sum_part = acc(0.0)
         for j in range(lane, n_cols, group):
             w_sum_part += acc(weight[j]) if has_w else acc(1.0)
         w_sum = sum_(w_sum_part, sm_a)
-        k_exp, k_w, k_hot = _ce_index_grad_coeffs(s, w_t, w_sum, eps, n_cols, acc(scale[0]))
+        k_exp, k_w, k_hot = ce_index_grad_coeffs(s, w_t, w_sum, eps, n_cols, acc(scale[0]))
         k_exp = acc(k_exp)
         k_w = acc(k_w)
         k_hot = acc(k_hot)
@@ -434,7 +233,7 @@ def cross_entropy_index(dtype: str, group: int, threads: int, items: int, use_sh
             elif not valid:
                 loss[r] = nan
             else:
-                loss[r] = _ce_index_loss(m, math.log(s), load(x, r, tt), w_t, sum_wd, w_sum, eps, n_cols)
+                loss[r] = ce_index_loss(m, math.log(s), load(x, r, tt), w_t, sum_wd, w_sum, eps, n_cols)
 
     return kernel
 
@@ -447,19 +246,19 @@ def cross_entropy_prob(dtype: str, group: int, threads: int, use_shuffle: bool):
     ``grad = (A * p_j - a_j) * scale``. Three passes over the row: (max, sum),
     (A, sum a_j (m - x_j)), gradient.
     """
-    load, store, acc = _codec(dtype)
-    _, sum_, lse_ = _reducers(group, threads, use_shuffle)
+    load, store, acc = codec(dtype)
+    _, sum_, lse_ = reducers(group, threads, use_shuffle)
     neg_inf = -math.inf
 
     def kernel(x, q, weight, has_w, eps, scale, loss, grad, want_grad):
         n_rows, n_cols = x.shape
-        lane, r, active = _my_row(group, n_rows)
+        lane, r, active = my_row(group, n_rows)
         sm_a = cuda.shared.array(threads, acc)
         sm_b = cuda.shared.array(threads, acc)
         m = acc(neg_inf)
         s = acc(0.0)
         for j in range(lane, n_cols, group):
-            m, s = _online_update(m, s, load(x, r, j))
+            m, s = online_update(m, s, load(x, r, j))
         m, s = lse_(m, s, sm_a, sm_b)
         keep = acc(1.0) - eps
         spread = eps / n_cols
@@ -489,7 +288,7 @@ def cross_entropy_prob(dtype: str, group: int, threads: int, use_shuffle: bool):
 @lru_cache(maxsize=None)
 def scale_rows(dtype: str):
     """Kernel ``(src, factor, out)``: ``out[i, j] = src[i, j] * factor[i]``, one thread per element."""
-    load, store, acc = _codec(dtype)
+    load, store, acc = codec(dtype)
 
     def kernel(src, factor, out):
         n_rows, n_cols = src.shape

@@ -1,6 +1,6 @@
 """Runs the CUDA kernels in the CUDA simulator against float64 NumPy references.
 
-Started by tests/test_cuda_simulator.py in its own process with
+Started by tests/test_cuda.py in its own process with
 NUMBA_ENABLE_CUDASIM=1 (the variable must be set before numba.cuda is
 imported). Blocks are made small so that tiny inputs exercise every launch
 shape: warp per row (C <= 8), block per row with the row in registers
@@ -26,11 +26,12 @@ config.CUDA_USE_SHUFFLE = False
 from numba import cuda  # noqa: E402
 
 from fastsoftmax.kernels import cuda as kc  # noqa: E402
+from fastsoftmax.kernels import cuda_reduce  # noqa: E402
 
 # the simulator runs a warp as 32 threads only if the block holds one; a
 # "warp" group of 8 lanes keeps the blocks small (the reductions take any
 # power-of-two group)
-kc._WARP = 8
+kc.WARP = cuda_reduce.WARP = 8
 
 RNG = np.random.default_rng(0)
 COLUMNS = {"warp per row": 5, "block, row in registers": 27, "block, online long row": 70}

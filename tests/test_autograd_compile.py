@@ -6,7 +6,8 @@ import torch.nn.functional as TF
 from helpers import assert_close, randn
 
 import fastsoftmax
-from fastsoftmax import _ops
+from fastsoftmax.ops import cross_entropy as ce_ops
+from fastsoftmax.ops import softmax as softmax_ops
 
 
 @pytest.mark.parametrize("fn", [fastsoftmax.softmax, fastsoftmax.log_softmax], ids=["softmax", "log_softmax"])
@@ -18,7 +19,7 @@ def test_gradcheck_softmax(fn, shape, dim):
 
 @pytest.mark.parametrize(
     "fn",
-    [fastsoftmax.softmax, fastsoftmax.log_softmax, _ops.softmax, _ops.log_softmax],
+    [fastsoftmax.softmax, fastsoftmax.log_softmax, softmax_ops.softmax_op, softmax_ops.log_softmax_op],
     ids=["softmax", "log_softmax", "op_softmax", "op_log_softmax"],
 )
 @pytest.mark.parametrize("shape,dim", [((3, 7), 1), ((2, 4, 3), 1), ((5,), 0)])
@@ -46,7 +47,7 @@ def test_cross_entropy_double_backward_raises(compiled):
     x = randn(4, 6, dtype=torch.float64).requires_grad_()
     t = torch.tensor([0, 5, 2, 1])
     if compiled:
-        loss, _ = _ops.cross_entropy(x, t, None, -100, "mean", 0.0, True)
+        loss, _ = ce_ops.cross_entropy_op(x, t, None, -100, "mean", 0.0, True)
     else:
         loss = fastsoftmax.cross_entropy(x, t)
     with pytest.raises(NotImplementedError, match="no double backward"):
@@ -70,25 +71,25 @@ def test_gradcheck_cross_entropy(kind, reduction):
 def _opcheck_cases():
     x = randn(6, 9, dtype=torch.float32).requires_grad_()
     x3 = randn(2, 5, 4, dtype=torch.float64).requires_grad_()
-    yield "softmax", _ops.softmax, (x, 1)
-    yield "softmax_dim0_3d", _ops.softmax, (x3, 0)
-    yield "log_softmax", _ops.log_softmax, (x3, 1)
+    yield "softmax", softmax_ops.softmax_op, (x, 1)
+    yield "softmax_dim0_3d", softmax_ops.softmax_op, (x3, 0)
+    yield "log_softmax", softmax_ops.log_softmax_op, (x3, 1)
     y = torch.softmax(x.detach(), 1)
-    yield "softmax_backward", _ops.softmax_backward, (y, randn(6, 9), 1)
-    yield "log_softmax_backward", _ops.log_softmax_backward, (torch.log(y), randn(6, 9), 1)
+    yield "softmax_backward", softmax_ops.softmax_backward_op, (y, randn(6, 9), 1)
+    yield "log_softmax_backward", softmax_ops.log_softmax_backward_op, (torch.log(y), randn(6, 9), 1)
     t = torch.randint(0, 9, (6,))
     for reduction in ("mean", "none"):
-        yield f"ce_{reduction}", _ops.cross_entropy, (x, t, None, -100, reduction, 0.1, True)
+        yield f"ce_{reduction}", ce_ops.cross_entropy_op, (x, t, None, -100, reduction, 0.1, True)
     w = torch.rand(5, dtype=torch.float64)
-    yield "ce_kdim_weighted", _ops.cross_entropy, (x3, torch.randint(0, 5, (2, 4)), w, 1, "sum", 0.0, True)
-    yield "ce_prob", _ops.cross_entropy, (x3, torch.softmax(randn(2, 5, 4, dtype=torch.float64), 1), None, -100, "mean", 0.0, True)
-    yield "ce_backward", _ops.cross_entropy_backward, (randn(6, 9), torch.tensor(0.5), torch.float32)
+    yield "ce_kdim_weighted", ce_ops.cross_entropy_op, (x3, torch.randint(0, 5, (2, 4)), w, 1, "sum", 0.0, True)
+    yield "ce_prob", ce_ops.cross_entropy_op, (x3, torch.softmax(randn(2, 5, 4, dtype=torch.float64), 1), None, -100, "mean", 0.0, True)
+    yield "ce_backward", ce_ops.cross_entropy_backward_op, (randn(6, 9), torch.tensor(0.5), torch.float32)
     # (N, C, d) with 16 positions: reduced over C in place, gradient laid out like the input
     xm = randn(2, 5, 16, dtype=torch.float32).requires_grad_()
-    yield "ce_middle_index", _ops.cross_entropy, (xm, torch.randint(0, 5, (2, 16)), None, -100, "none", 0.1, True)
+    yield "ce_middle_index", ce_ops.cross_entropy_op, (xm, torch.randint(0, 5, (2, 16)), None, -100, "none", 0.1, True)
     qm = torch.softmax(randn(2, 5, 16, dtype=torch.float32), 1)
-    yield "ce_middle_prob", _ops.cross_entropy, (xm, qm, None, -100, "mean", 0.1, True)
-    yield "ce_middle_backward", _ops.cross_entropy_backward, (randn(2, 5, 16), randn(2, 16), torch.float32)
+    yield "ce_middle_prob", ce_ops.cross_entropy_op, (xm, qm, None, -100, "mean", 0.1, True)
+    yield "ce_middle_backward", ce_ops.cross_entropy_backward_op, (randn(2, 5, 16), randn(2, 16), torch.float32)
 
 
 @pytest.mark.parametrize("name,op,args", list(_opcheck_cases()), ids=[c[0] for c in _opcheck_cases()])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fastsoftmax import bench
+from fastsoftmax.apps import bench
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

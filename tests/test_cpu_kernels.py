@@ -14,7 +14,7 @@ import torch.nn.functional as TF
 from helpers import assert_close, backward_reference, randn
 
 import fastsoftmax
-from fastsoftmax.kernels import config, cpu
+from fastsoftmax.kernels import config, cpu_common, cpu_rows
 from numba import njit
 
 # (claims per thread, minimum elements per claim): one row per claim, a few
@@ -81,7 +81,7 @@ def test_workers_beyond_threads_share_one_queue(workers, per_claim):
     y = np.full_like(x, np.nan)
     scratch = np.empty((workers, 333), np.float32)
     queue = np.array([0, per_claim, workers], np.int64)
-    cpu.softmax_forward[True](x, y, scratch, queue)
+    cpu_rows.softmax_forward[True](x, y, scratch, queue)
     assert queue[0] >= 23
     ref = torch.softmax(torch.from_numpy(x).double(), 1)
     assert_close(torch.from_numpy(y), ref)
@@ -145,12 +145,12 @@ def test_cross_entropy_with_probabilities_over_a_middle_axis_in_parallel(paralle
 
 @njit
 def _row_max_of(x):
-    return cpu._row_max(x)
+    return cpu_common.row_max_of(x)
 
 
 @pytest.mark.parametrize("np_dtype", [np.float32, np.float64])
 def test_row_max_over_every_tail_length_and_nan_position(np_dtype):
-    """The explicit SIMD max (``_llvm.row_max``): every length through four vectors and a tail,
+    """The explicit SIMD max (``intrinsics.row_max``): every length through four vectors and a tail,
     the max in every position, NaN skipped wherever it stands, -inf rows and empty rows."""
     rng = np.random.default_rng(7)
     for n in range(0, 70):

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastsoftmax import cli, data, model, precision
+from fastsoftmax.apps import cli, precision
+from fastsoftmax.apps.d2l import data, model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -15,8 +15,8 @@ from helpers import FLOAT_DTYPES, assert_close, randn
 
 import fastsoftmax
 from fastsoftmax import naive
-from fastsoftmax.kernels import rowmath
-from fastsoftmax.kernels.rowmath import vexp, vexp_nonpos
+from fastsoftmax.kernels import exp
+from fastsoftmax.kernels.exp import vexp, vexp_nonpos
 from numba import njit
 
 F32_MAX = float(torch.finfo(torch.float32).max)
@@ -197,7 +197,7 @@ def _ulps_allowed(z):
     ``fl(ln2)`` is off by ``delta`` (relative), so ``exp`` is off by
     ``|z| * delta`` (relative): at most ``|z| * delta * 2**24`` ulps.
     """
-    parts = rowmath._FORMATS[numba.from_dtype(z.dtype)].ln2_parts
+    parts = exp._FORMATS[numba.from_dtype(z.dtype)].ln2_parts
     if len(parts) > 1:
         return np.ones(z.shape)
     delta = abs(float(parts[0]) - math.log(2)) / math.log(2)

@@ -169,7 +169,7 @@ def test_modules_match_torch_modules():
 
 
 def test_large_output_comes_from_pool_and_is_reused():
-    from fastsoftmax import _pool
+    from fastsoftmax.ops import pool as _pool
 
     x = randn(512, 1024, dtype=torch.float32)  # 2 MiB: above POOL_MIN_BYTES
     y1 = fastsoftmax.softmax(x, 1)

@@ -9,7 +9,7 @@ dimensions, the type byte ``0x08`` meaning unsigned bytes), ``N`` 32-bit sizes,
 then the data.
 
 The digits set (8x8 images, 10 classes, 1797 samples) ships inside
-scikit-learn, so it works offline: the optional extra ``digits``.
+scikit-learn, so it works offline: the optional extra ``d2l``.
 """
 
 import gzip
@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .._extras import MissingExtra, require
 
 FASHION_MNIST_CLASSES = (
     "t-shirt", "trouser", "pullover", "dress", "coat",
@@ -172,10 +174,10 @@ def load_fashion_mnist(data_dir=None, download: bool = True, **kwargs) -> Datase
 def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     """scikit-learn's handwritten digits (8x8, values 0..16 scaled to [0, 1]), split at random."""
     try:
-        from sklearn.datasets import load_digits as sklearn_digits
-    except ImportError as error:
-        raise DataError("the digits data set needs scikit-learn: pip install 'fastsoftmax[digits]'") from error
-    bunch = sklearn_digits()
+        datasets = require("sklearn.datasets", "d2l")
+    except MissingExtra as error:
+        raise DataError(str(error).removeprefix("fastsoftmax: ")) from error
+    bunch = datasets.load_digits()
     images = torch.from_numpy(bunch.images.astype(np.float32) / 16.0)
     labels = torch.from_numpy(bunch.target.astype(np.int64))
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))

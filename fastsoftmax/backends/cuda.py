@@ -1,4 +1,4 @@
-"""The CUDA backend: torch CUDA tensors in, kernels of :mod:`kernels.cuda` on torch's stream.
+"""The CUDA backend: torch CUDA tensors in, kernels of :mod:`fastsoftmax.kernels.cuda` on torch's stream.
 
 Zero-copy: each tensor is handed to numba-cuda through its
 ``__cuda_array_interface__`` (bfloat16 as its ``uint16`` bits), without the
@@ -16,25 +16,17 @@ try:
     from numba import cuda
     from numba.cuda.cudadrv.error import CudaSupportError  # noqa: F401  (present only with numba-cuda)
 
-    from .kernels import cuda as kernels
+    from ..kernels import cuda as kernels
 except ImportError as error:  # pragma: no cover - depends on the install
     raise ImportError(
         "fastsoftmax: CUDA tensors need numba-cuda and the CUDA toolkit wheels: "
         "pip install 'fastsoftmax[cuda12]' or 'fastsoftmax[cuda13]' (matching your driver)"
     ) from error
 
-from .kernels import config
+from ..errors import bad_target
+from ..kernels import config
 
 _NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The CUDA kernels read and write every float dtype natively (accumulating in float32 or float64)."""
-    return dtype
-
-
-def empty(shape, dtype: torch.dtype, device=None) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _array(t: torch.Tensor):
@@ -98,9 +90,7 @@ def cross_entropy_index(x, target, weight, ignore_index, eps, reduction, loss, g
         bad = kept & ((target < 0) | (target >= n_cols))
         if bool(bad.any()):  # the one host synchronisation, opt-out via config
             position = int(bad.nonzero()[0, 0])
-            from ._host import raise_bad_target
-
-            raise_bad_target(int(target[position]), position, n_cols, ignore_index)
+            raise bad_target(int(target[position]), position, n_cols, ignore_index)
     if n_rows:
         want_grad = grad.shape[0] > 0
         g = grad if want_grad else torch.empty((1, n_cols), dtype=x.dtype, device=x.device)
@@ -142,7 +132,3 @@ def scale_rows(src, factor, out) -> None:
     blocks = max(1, min(-(-n_rows * n_cols // threads), 65535))
     with torch.cuda.device(src.device):
         kernel[blocks, threads, _stream(src)](_array(src), _array(factor), _array(out))
-
-
-def copy(src, out) -> None:
-    out.copy_(src)

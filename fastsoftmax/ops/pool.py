@@ -19,7 +19,7 @@ import threading
 import numpy as np
 import torch
 
-from .kernels import config
+from ..kernels import config
 
 _lock = threading.Lock()
 _blocks: dict[int, list[np.ndarray]] = {}

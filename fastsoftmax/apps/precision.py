@@ -12,7 +12,8 @@ import math
 
 import torch
 
-from . import functional, naive
+from .. import functional
+from . import naive
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as TF
 
-from . import functional, naive
+from ... import functional
+from .. import naive
+from .._extras import pyplot
 from .data import Dataset
 
 LOSSES = {
@@ -141,10 +143,7 @@ def train(data: Dataset, config: TrainConfig, log=print, progress=None):
 
 def plot_curves(metrics: dict, path: Path) -> None:
     """Loss and accuracies per epoch, as the book's animator draws them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("d2l")
 
     epochs = [r["epoch"] for r in metrics["epochs"]]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -162,10 +161,7 @@ def plot_curves(metrics: dict, path: Path) -> None:
 
 def plot_mistakes(model, data: Dataset, path: Path, n: int = 18) -> int:
     """A grid of misclassified test images titled ``true / predicted``, as in the book. Returns how many are shown."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("d2l")
 
     predicted = predict(model, data.test_images)
     wrong = (predicted != data.test_labels).nonzero().flatten()[:n]

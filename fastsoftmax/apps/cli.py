@@ -5,12 +5,15 @@ import json
 import sys
 from pathlib import Path
 
+from ._extras import MissingExtra
+
 
 def _demo(args) -> int:
     import torch
 
     import fastsoftmax
-    from fastsoftmax import naive
+
+    from . import naive
 
     torch.manual_seed(0)
     logits = torch.randn(4, 10) * 3
@@ -28,7 +31,7 @@ def _demo(args) -> int:
 
 
 def _train(args) -> int:
-    from . import data, model
+    from .d2l import data, model
 
     try:
         dataset = data.load(args.dataset, args.data_dir)
@@ -70,40 +73,62 @@ def _bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastsoftmax", description=__doc__)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="fastsoftmax", description=__doc__, formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train the book's softmax regression (naive, torch or fused loss)")
-    train.add_argument("--dataset", choices=["fashion-mnist", "digits"], default="fashion-mnist")
+    train = sub.add_parser(
+        "train", help="train the book's softmax regression (naive, torch or fused loss)", formatter_class=fmt
+    )
+    train.add_argument(
+        "--dataset",
+        choices=["fashion-mnist", "digits"],
+        default="fashion-mnist",
+        help="fashion-mnist is downloaded (or read from --data-dir); digits ships with scikit-learn",
+    )
     train.add_argument("--data-dir", default=None, help="a folder holding the four Fashion-MNIST IDX files")
-    train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--lr", type=float, default=0.1)
-    train.add_argument("--batch-size", type=int, default=256)
-    train.add_argument("--loss", choices=["fused", "torch", "naive"], default="fused")
-    train.add_argument("--device", default="cpu")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--epochs", type=int, default=10, help="passes over the training set")
+    train.add_argument("--lr", type=float, default=0.1, help="SGD learning rate")
+    train.add_argument("--batch-size", type=int, default=256, help="examples per SGD step")
+    train.add_argument(
+        "--loss",
+        choices=["fused", "torch", "naive"],
+        default="fused",
+        help="fused: fastsoftmax.cross_entropy; torch: torch.nn.functional.cross_entropy; naive: the book's",
+    )
+    train.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda, cuda:1, ...)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batch order")
     train.add_argument("--out", default="out", help="folder for metrics.json, curves.png, mistakes.png")
     train.set_defaults(run=_train)
 
-    prec = sub.add_parser("precision", help="the book's overflow exercises: naive vs ours per dtype, exp limits")
+    prec = sub.add_parser(
+        "precision", help="the book's overflow exercises: naive vs ours per dtype, exp limits", formatter_class=fmt
+    )
     prec.add_argument("--json", action="store_true", help="print JSON instead of a table")
     prec.set_defaults(run=_precision)
 
-    bench = sub.add_parser("bench", help="naive vs torch vs torch.compile vs fastsoftmax: time, GB/s, memory")
+    bench = sub.add_parser(
+        "bench", help="naive vs torch vs torch.compile vs fastsoftmax: time, GB/s, memory", formatter_class=fmt
+    )
     bench.add_argument("--quick", action="store_true", help="two small shapes, five repeats (under a minute)")
-    bench.add_argument("--device", default="cpu")
-    bench.add_argument("--repeats", type=int, default=None)
+    bench.add_argument("--device", default="cpu", help="torch device to benchmark on")
+    bench.add_argument("--repeats", type=int, default=None, help="timed repetitions per case (default: 5 quick, 7 full)")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     bench.add_argument("--out", default="bench-out", help="folder for results.json, bandwidth.png, speedup.png")
     bench.set_defaults(run=_bench)
 
-    sub.add_parser("demo", help="the textbook loss overflowing next to ours").set_defaults(run=_demo)
+    demo = sub.add_parser("demo", help="the textbook loss overflowing next to ours", formatter_class=fmt)
+    demo.set_defaults(run=_demo)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except MissingExtra as error:
+        print(error, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import torch.nn.functional as TF
 import fastsoftmax
 
 from . import naive
+from ._extras import pyplot
 
 PROVIDERS = ("naive", "torch", "torch.compile", "fastsoftmax")
 OPS = ("softmax_fwd", "softmax_fwd_bwd", "log_softmax_fwd", "cross_entropy_fwd_bwd")
@@ -283,10 +284,7 @@ def format_rows(rows) -> str:
 
 def plot(results: dict, out: Path) -> None:
     """``bandwidth.png`` (GB/s against columns, per provider) and ``speedup.png`` (ours over each baseline)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("plot")
 
     rows = results["rows"]
     ops = [op for op in OPS if any(r["op"] == op for r in rows)]

@@ -1,0 +1,127 @@
+"""Tensors to the layouts the kernels take, and back: the torch side shared by every op.
+
+The row kernels see one layout only: a C-contiguous ``(R, C)`` array in the
+compute dtype with the reduced dimension last. :func:`rows_last` brings any
+tensor to it (``movedim`` + ``contiguous``: a copy only when the reduced
+dimension is not already last and dense). On the CPU a reduced dimension
+that is not last, with enough positions after it, goes instead to kernels
+that reduce it in place (:func:`middle_shape`: an ``(outer, C, inner)``
+view, no copies).
+
+:func:`device` picks, by the tensor's device, the backend that launches the
+kernels, the dtype they compute in, the allocator of outputs and the view of
+a tensor that the backend takes.
+"""
+
+import math
+
+import torch
+
+from ..kernels import config
+from . import pool
+
+#: The CPU kernels compute in float32 or float64: half-precision inputs are
+#: converted to float32 first and results converted back. The CUDA kernels
+#: read and write every float dtype natively.
+_CPU_COMPUTE = {
+    torch.float16: torch.float32,
+    torch.bfloat16: torch.float32,
+    torch.float32: torch.float32,
+    torch.float64: torch.float64,
+}
+
+
+class _CPU:
+    name = "cpu"
+
+    @staticmethod
+    def backend():
+        from ..backends import cpu
+
+        return cpu
+
+    @staticmethod
+    def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+        return _CPU_COMPUTE[dtype]
+
+    @staticmethod
+    def empty(shape, dtype: torch.dtype, device=None) -> torch.Tensor:
+        return pool.empty(shape, dtype)
+
+    @staticmethod
+    def array(t: torch.Tensor):
+        """The NumPy view the CPU backend takes (shares memory)."""
+        return t.detach().numpy()
+
+    @staticmethod
+    def middle_shape(x: torch.Tensor, dim: int):
+        """``(outer, C, inner)`` when the middle-axis kernels should reduce ``dim`` of ``x`` in place, else None.
+
+        They are used when ``dim`` is not last, moving it last would copy (so
+        not for a channels-last tensor and ``dim=1``, whose classes are
+        already stored last), and there are at least
+        :data:`config.CPU_MIDDLE_MIN_INNER` inner positions to vectorise over.
+        """
+        if dim == x.ndim - 1 or x.movedim(dim, -1).is_contiguous():
+            return None
+        inner = math.prod(x.shape[dim + 1 :])
+        if inner < config.CPU_MIDDLE_MIN_INNER:
+            return None
+        return math.prod(x.shape[:dim]), x.shape[dim], inner
+
+
+class _CUDA:
+    name = "cuda"
+
+    @staticmethod
+    def backend():
+        from ..backends import cuda
+
+        return cuda
+
+    @staticmethod
+    def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+        return dtype
+
+    @staticmethod
+    def empty(shape, dtype: torch.dtype, device=None) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    @staticmethod
+    def array(t: torch.Tensor):
+        return t
+
+    @staticmethod
+    def middle_shape(x: torch.Tensor, dim: int):
+        return None
+
+
+def device(x: torch.Tensor):
+    """The device policy for ``x``: :class:`_CPU` or :class:`_CUDA`."""
+    return _CUDA if x.is_cuda else _CPU
+
+
+def rows_last(x: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` with ``dim`` moved last, contiguous, in ``dtype`` (each step skipped when it would change nothing)."""
+    if dim != x.ndim - 1:
+        x = x.movedim(dim, -1)
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """The ``(R, C)`` view of a contiguous tensor whose last dim is the reduced one."""
+    return x if x.ndim == 2 else x.view(-1, x.shape[-1])
+
+
+def to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def empty_moved(x: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor shaped like ``x``, its ``dim`` stored last (for the fake ops)."""
+    shape = list(x.shape)
+    shape.append(shape.pop(dim))
+    out = torch.empty(shape, dtype=dtype, device=x.device)
+    return out.movedim(-1, dim) if dim != x.ndim - 1 else out

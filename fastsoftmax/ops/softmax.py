@@ -1,0 +1,185 @@
+r"""Softmax and log-softmax, the torch side: layout, the ``torch.library`` ops, the autograd Functions.
+
+With :math:`m = \max_j x_j` and :math:`s = \sum_j e^{x_j - m}`:
+
+.. math::
+
+    \mathrm{softmax}(x)_j = e^{x_j - m} / s, \qquad
+    \mathrm{log\_softmax}(x)_j = (x_j - m) - \log s
+
+and the gradients from the output :math:`y`:
+:math:`\partial x = y \odot (\partial y - \langle \partial y, y \rangle)` (softmax),
+:math:`\partial x = \partial y - e^{y} \sum_k \partial y_k` (log-softmax).
+
+* :func:`forward` / :func:`backward`: any tensor, any ``dim``, to the
+  backend's kernels and back.
+* ``torch.ops.fastsoftmax.softmax(Tensor input, int dim)``, ``log_softmax``
+  and their ``*_backward`` ops (which take the forward output): what
+  ``torch.compile`` sees, opaque nodes with fake implementations and
+  autograd formulas.
+* :class:`SoftmaxFunction`, :class:`LogSoftmaxFunction`: the same as
+  ``torch.autograd.Function`` classes, with less dispatch overhead in eager
+  mode.
+"""
+
+import torch
+from torch import Tensor
+from torch.library import custom_op
+
+from .layout import as_rows, device, rows_last, to_dtype
+
+
+def forward(x: Tensor, dim: int, log: bool) -> Tensor:
+    """softmax (or log_softmax) of ``x`` along ``dim``; ``dim`` already in range.
+
+    The output is contiguous, as PyTorch's is, in ``x``'s dtype.
+    """
+    if x.ndim == 0:
+        return forward(x.reshape(1), 0, log).reshape(())
+    dev = device(x)
+    be = dev.backend()
+    compute = dev.compute_dtype(x.dtype)
+    middle = dev.middle_shape(x, dim)
+    if middle is not None:
+        xc = to_dtype(x, compute).contiguous()
+        y = dev.empty(x.shape, compute, x.device)
+        if x.numel():
+            be.softmax_forward_middle(dev.array(xc.view(middle)), dev.array(y.view(middle)), log)
+        return to_dtype(y, x.dtype)
+    xr = rows_last(x, dim, compute)
+    y = dev.empty(xr.shape, compute, x.device)
+    if xr.numel():
+        be.softmax_forward(dev.array(as_rows(xr)), dev.array(as_rows(y)), log)
+    if dim != x.ndim - 1:
+        y = y.movedim(-1, dim).contiguous()
+    return to_dtype(y, x.dtype)
+
+
+def backward(y: Tensor, dy: Tensor, dim: int, log: bool) -> Tensor:
+    """Gradient of :func:`forward` from its output ``y``."""
+    if y.ndim == 0:
+        return backward(y.reshape(1), dy.reshape(1), 0, log).reshape(())
+    dev = device(y)
+    be = dev.backend()
+    compute = dev.compute_dtype(y.dtype)
+    middle = dev.middle_shape(y, dim)
+    if middle is not None:
+        yc, dyc = (to_dtype(t, compute).contiguous() for t in (y, dy))
+        dx = dev.empty(y.shape, compute, y.device)
+        if y.numel():
+            be.softmax_backward_middle(*(dev.array(t.view(middle)) for t in (yc, dyc, dx)), log)
+        return to_dtype(dx, y.dtype)
+    yr = rows_last(y, dim, compute)
+    dyr = rows_last(dy, dim, compute)
+    dx = dev.empty(yr.shape, compute, y.device)
+    if yr.numel():
+        be.softmax_backward(*(dev.array(as_rows(t)) for t in (yr, dyr, dx)), log)
+    if dim != y.ndim - 1:
+        dx = dx.movedim(-1, dim).contiguous()
+    return to_dtype(dx, y.dtype)
+
+
+def backward_graph(y: Tensor, dy: Tensor, dim: int, log: bool) -> Tensor:
+    """:func:`backward` in torch ops, so that it is itself differentiable.
+
+    The backward of the ops runs this instead of the kernel under
+    ``create_graph=True`` (double backward, Hessian-vector products): ``y``
+    then carries the graph of the forward.
+    """
+    if log:
+        return dy - torch.exp(y) * dy.sum(dim, keepdim=True)
+    return y * (dy - (dy * y).sum(dim, keepdim=True))
+
+
+def _differentiable_backward(y: Tensor, dy: Tensor, dim: int, log: bool, kernel) -> Tensor:
+    if torch.is_grad_enabled():  # create_graph=True: differentiate the backward too
+        return backward_graph(y, dy, dim, log)
+    return kernel(y, dy, dim)
+
+
+# --- torch.library ops ----------------------------------------------------------------
+
+
+def _register(name: str, log: bool):
+    @custom_op(f"fastsoftmax::{name}", mutates_args=(), device_types=("cpu", "cuda"))
+    def op(input: Tensor, dim: int) -> Tensor:
+        return forward(input, dim, log)
+
+    @op.register_fake
+    def _(input, dim):
+        return torch.empty(input.shape, dtype=input.dtype, device=input.device)
+
+    @custom_op(f"fastsoftmax::{name}_backward", mutates_args=(), device_types=("cpu", "cuda"))
+    def backward_op(output: Tensor, grad_output: Tensor, dim: int) -> Tensor:
+        return backward(output, grad_output, dim, log)
+
+    @backward_op.register_fake
+    def _(output, grad_output, dim):
+        return torch.empty(output.shape, dtype=output.dtype, device=output.device)
+
+    def setup_context(ctx, inputs, output):
+        ctx.dim = inputs[1]
+        ctx.save_for_backward(output)
+
+    def autograd_backward(ctx, grad_output):
+        (output,) = ctx.saved_tensors
+        return _differentiable_backward(output, grad_output, ctx.dim, log, backward_op), None
+
+    op.register_autograd(autograd_backward, setup_context=setup_context)
+    return op, backward_op
+
+
+softmax_op, softmax_backward_op = _register("softmax", log=False)
+log_softmax_op, log_softmax_backward_op = _register("log_softmax", log=True)
+
+
+# --- autograd Functions -------------------------------------------------------------------
+
+
+def _function_forward(ctx, input, dim, log):
+    y = forward(input, dim, log)
+    ctx.dim = dim
+    ctx.save_for_backward(y)
+    return y
+
+
+def _function_backward(ctx, grad_output, log):
+    (y,) = ctx.saved_tensors
+
+    def kernel(y, dy, dim):
+        return backward(y, dy, dim, log)
+
+    return _differentiable_backward(y, grad_output, ctx.dim, log, kernel), None
+
+
+class SoftmaxFunction(torch.autograd.Function):
+    r"""Softmax along ``dim``: :math:`y_j = e^{x_j - m} / \sum_k e^{x_k - m}`, :math:`m = \max_k x_k`.
+
+    Backward: :math:`\partial x = y \odot (\partial y - \langle \partial y, y \rangle)`,
+    by the kernel, or in torch ops under ``create_graph=True`` so that it can
+    be differentiated again.
+    """
+
+    @staticmethod
+    def forward(ctx, input, dim):
+        return _function_forward(ctx, input, dim, log=False)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return _function_backward(ctx, grad_output, log=False)
+
+
+class LogSoftmaxFunction(torch.autograd.Function):
+    r"""Log-softmax along ``dim``: :math:`y_j = (x_j - m) - \log \sum_k e^{x_k - m}`.
+
+    Backward: :math:`\partial x = \partial y - e^{y} \sum_k \partial y_k` (double
+    backward as in :class:`SoftmaxFunction`).
+    """
+
+    @staticmethod
+    def forward(ctx, input, dim):
+        return _function_forward(ctx, input, dim, log=True)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return _function_backward(ctx, grad_output, log=True)
