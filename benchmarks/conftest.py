@@ -19,7 +19,7 @@ CHECK_SHAPES = ((256, 10), (512, 1000))
 def pytest_generate_tests(metafunc):
     if "case_spec" not in metafunc.fixturenames:
         return
-    timing = not metafunc.config.getoption("benchmark_disable")
+    timing = metafunc.config.getoption("benchmark_enable")
     specs = []
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:

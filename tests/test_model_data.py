@@ -5,6 +5,7 @@ import hashlib
 import http.server
 import json
 import struct
+import sys
 import threading
 from functools import partial
 
@@ -190,3 +191,27 @@ def test_precision_command_json_and_exp_limits(capsys):
         assert torch.exp(smallest) > 0 and torch.exp(torch.nextafter(smallest, torch.tensor(-1e30, dtype=dtype))) == 0
     assert result["float32"]["cases"][0]["naive"] == "nan"  # the textbook softmax at logits of 100
     assert abs(result["float32"]["exp_limits"]["largest_finite"] - 88.72) < 0.01
+
+
+def test_a_missing_extra_names_the_extra_to_install(monkeypatch, capsys):
+    import builtins
+
+    from fastsoftmax.apps import _extras
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib") or name.startswith("sklearn"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    monkeypatch.delitem(sys.modules, "matplotlib", raising=False)
+    monkeypatch.delitem(sys.modules, "matplotlib.pyplot", raising=False)
+    monkeypatch.delitem(sys.modules, "sklearn.datasets", raising=False)
+    monkeypatch.delitem(sys.modules, "sklearn", raising=False)
+    with pytest.raises(_extras.MissingExtra, match=r"needs matplotlib.*pip install 'fastsoftmax\[plot\]'"):
+        _extras.pyplot("plot")
+    assert cli.main(["train", "--dataset", "digits", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "needs scikit-learn" in err and "pip install 'fastsoftmax[d2l]'" in err

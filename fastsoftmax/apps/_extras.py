@@ -7,13 +7,19 @@ class MissingExtra(ImportError):
     """A command needs a package of an optional extra that is not installed."""
 
 
+#: import name -> distribution name, where they differ
+_DISTRIBUTIONS = {"sklearn": "scikit-learn"}
+
+
 def require(module: str, extra: str):
     """``importlib.import_module(module)``, or :class:`MissingExtra` naming ``pip install 'fastsoftmax[extra]'``."""
+    top = module.split(".")[0]
     try:
         return importlib.import_module(module)
     except ImportError as error:
         raise MissingExtra(
-            f"fastsoftmax: this needs {module.split('.')[0]}, which is not installed: pip install 'fastsoftmax[{extra}]'"
+            f"fastsoftmax: this needs {_DISTRIBUTIONS.get(top, top)}, which is not installed: "
+            f"pip install 'fastsoftmax[{extra}]'"
         ) from error
 
 
