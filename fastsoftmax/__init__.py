@@ -21,7 +21,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "softmax": "fastsoftmax.functional",
     "log_softmax": "fastsoftmax.functional",
+    "softmin": "fastsoftmax.functional",
     "cross_entropy": "fastsoftmax.functional",
+    "CrossEntropyOutput": "fastsoftmax.functional",
     "SoftmaxFunction": "fastsoftmax.ops.softmax",
     "LogSoftmaxFunction": "fastsoftmax.ops.softmax",
     "CrossEntropyFunction": "fastsoftmax.ops.cross_entropy",
@@ -36,7 +38,9 @@ _ALIASES = {"naive": "fastsoftmax.apps.naive"}
 __all__ = [
     "softmax",
     "log_softmax",
+    "softmin",
     "cross_entropy",
+    "CrossEntropyOutput",
     "SoftmaxFunction",
     "LogSoftmaxFunction",
     "CrossEntropyFunction",

@@ -1,9 +1,10 @@
-r"""Drop-in replacements for ``torch.nn.functional.softmax``, ``log_softmax`` and ``cross_entropy``.
+r"""Drop-in replacements for ``torch.nn.functional.softmax``, ``log_softmax``, ``softmin`` and ``cross_entropy``.
 
-Same signatures, same semantics, same results to floating-point rounding.
-In eager mode they run the autograd Functions of :mod:`fastsoftmax.ops`;
-under ``torch.compile`` the registered ``torch.ops.fastsoftmax`` ops, so a
-model that uses them compiles with ``fullgraph=True``.
+Same signatures, same semantics, same results to floating-point rounding,
+the same exceptions (:mod:`fastsoftmax.errors`). In eager mode they run the
+autograd Functions of :mod:`fastsoftmax.ops`; under ``torch.compile`` and
+on meta tensors the registered ``torch.ops.fastsoftmax`` ops, so a model
+that uses them compiles with ``fullgraph=True``.
 
 The numerics. With :math:`m = \max_j x_j` and :math:`s = \sum_j e^{x_j - m}`
 (every exponent :math:`\le 0`, so nothing overflows and :math:`s \ge 1`):
@@ -15,41 +16,39 @@ The numerics. With :math:`m = \max_j x_j` and :math:`s = \sum_j e^{x_j - m}`
     \mathrm{lse}(x) = m + \log s.
 """
 
-import warnings
+from typing import NamedTuple, Optional
 
 import torch
-from torch.nn import _reduction
 
 from . import validation
 from .ops import cross_entropy as ce_op
 from .ops import softmax as softmax_op
 
-__all__ = ["softmax", "log_softmax", "cross_entropy"]
+__all__ = ["softmax", "log_softmax", "softmin", "cross_entropy", "CrossEntropyOutput"]
+
+_KERNEL_NAMES = {False: "softmax", True: "log_softmax"}
 
 
-def _implicit_dim(ndim: int, name: str, stacklevel: int) -> int:
-    # torch.nn.functional._get_softmax_dim
-    warnings.warn(
-        f"Implicit dimension choice for {name} has been deprecated. Change the call to include dim=X as an argument.",
-        stacklevel=stacklevel,
-    )
-    return 0 if ndim in (0, 1, 3) else 1
-
-
-def _softmax(input, dim, stacklevel, dtype, log: bool):
-    name = "log_softmax" if log else "softmax"
-    validation.check_logits(input)
+def _softmax(input, dim, stacklevel, dtype, log: bool, name: str):
+    validation.check_tensor(input, "input", name)
+    validation.check_layout(input, name)
+    validation.check_device(input)
+    validation.check_dtype_arg(dtype, name)
     if dim is None:
-        dim = _implicit_dim(input.ndim, name, stacklevel)
-    dim = validation.normalize_dim(dim, input.ndim)
+        dim = validation.implicit_dim(input.ndim, name, stacklevel)
+    dim = validation.as_dim(dim, input.ndim, name)
     if dtype is not None:
         input = input.to(dtype)
-        validation.check_logits(input)
-    if torch.compiler.is_compiling():
+    if input.dtype not in validation.FLOAT_DTYPES:
+        if input.numel() == 0 and not input.is_complex():
+            return torch.empty(input.shape, dtype=input.dtype, device=input.device)  # torch returns it too
+        kernel = _KERNEL_NAMES[log] + ("_lastdim_kernel_impl" if dim == input.ndim - 1 or input.ndim <= 1 else "_kernel_impl")
+        validation.check_float_input(input, kernel)
+    if input.device.type == "meta" or torch.compiler.is_compiling():
         return (softmax_op.log_softmax_op if log else softmax_op.softmax_op)(input, dim)
     if not (input.requires_grad and torch.is_grad_enabled()):
         return softmax_op.forward(input, dim, log)  # no graph to record: skip autograd.Function's cost
-    return (softmax_op.LogSoftmaxFunction if log else softmax_op.SoftmaxFunction).apply(input, dim)
+    return (softmax_op.LogSoftmaxCore if log else softmax_op.SoftmaxCore).apply(input, dim)
 
 
 def softmax(input, dim=None, _stacklevel=3, dtype=None):
@@ -62,12 +61,13 @@ def softmax(input, dim=None, _stacklevel=3, dtype=None):
 
     Args:
         input: floating-point tensor of any rank, any layout, CPU or CUDA.
-        dim: the dimension to normalise over.
-        dtype: if given, ``input`` is cast to it first.
+        dim: the dimension to normalise over (``None``: torch's deprecated
+            implicit choice, with its warning).
+        dtype: if given, ``input`` is cast to it first (integer inputs too).
 
     Backward: :math:`\partial x = y \odot (\partial y - \sum_k y_k \partial y_k)`.
     """
-    return _softmax(input, dim, _stacklevel + 1, dtype, log=False)
+    return _softmax(input, dim, _stacklevel + 1, dtype, log=False, name="softmax")
 
 
 def log_softmax(input, dim=None, _stacklevel=3, dtype=None):
@@ -77,7 +77,30 @@ def log_softmax(input, dim=None, _stacklevel=3, dtype=None):
 
     Backward: :math:`\partial x = \partial y - e^{y} \sum_k \partial y_k`.
     """
-    return _softmax(input, dim, _stacklevel + 1, dtype, log=True)
+    return _softmax(input, dim, _stacklevel + 1, dtype, log=True, name="log_softmax")
+
+
+def softmin(input, dim=None, _stacklevel=3, dtype=None):
+    r"""Softmin of ``input`` along ``dim``, as :func:`torch.nn.functional.softmin`: :math:`\mathrm{softmax}(-x)`.
+
+    As in torch, the input is negated in its own dtype before any ``dtype``
+    cast (so an unsigned integer input wraps around).
+    """
+    validation.check_tensor(input, "input", "softmin")
+    return _softmax(-input, dim, _stacklevel + 1, dtype, log=False, name="softmin")
+
+
+class CrossEntropyOutput(NamedTuple):
+    """What :func:`cross_entropy` returns when asked for more than the loss.
+
+    ``z_loss`` is the reduced z-loss term (already included in ``loss``,
+    detached: for logging); ``lse`` the log-sum-exp of every element's logits
+    (the unreduced loss's shape, no gradient). Each is None unless asked for.
+    """
+
+    loss: torch.Tensor
+    z_loss: Optional[torch.Tensor]
+    lse: Optional[torch.Tensor]
 
 
 def cross_entropy(
@@ -89,20 +112,27 @@ def cross_entropy(
     reduce=None,
     reduction="mean",
     label_smoothing=0.0,
+    *,
+    z_loss=0.0,
+    softcap=None,
+    return_lse=False,
+    return_z_loss=False,
+    inplace_backward=False,
 ):
-    r"""Softmax cross-entropy, as :func:`torch.nn.functional.cross_entropy`.
+    r"""Softmax cross-entropy, as :func:`torch.nn.functional.cross_entropy`, plus keyword-only options.
 
     ``input`` holds logits of shape ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``.
-    ``target`` holds class indices (int64, shape without the class dimension;
-    entries equal to ``ignore_index`` are skipped) or class probabilities
-    (floating point, the input's shape). Per element, with
-    :math:`\mathrm{lse} = m + \log \sum_c e^{x_c - m}`, class weights :math:`w`
-    and label smoothing :math:`\varepsilon`:
+    ``target`` holds class indices (int64, or uint8 for ``(N, C)``; the input's
+    shape without the class dimension; entries equal to ``ignore_index`` are
+    skipped) or class probabilities (floating point, the input's shape). Per
+    element, with :math:`\mathrm{lse} = m + \log \sum_c e^{x_c - m}`, class
+    weights :math:`w` and label smoothing :math:`\varepsilon`:
 
     .. math::
 
         \ell = (1 - \varepsilon)\, w_t (\mathrm{lse} - x_t)
                + \frac{\varepsilon}{C} \sum_c w_c (\mathrm{lse} - x_c)
+               \;[+\; z\, \mathrm{lse}^2]
 
     (for probability targets :math:`q`: :math:`\ell = \sum_c w_c q'_c (\mathrm{lse} - x_c)`,
     :math:`q' = (1 - \varepsilon) q + \varepsilon / C`). ``reduction="mean"``
@@ -111,33 +141,82 @@ def cross_entropy(
     ignored gives NaN, as in PyTorch. The gradient,
     :math:`\partial \ell / \partial x_c = (\sum_k a_k) p_c - a_c` with :math:`a`
     the coefficients above, is computed in the same pass as the loss.
-    Probability targets and weights that require grad get their gradients
-    too, through :func:`fastsoftmax.ops.cross_entropy.composite`.
+
+    Keyword-only options torch does not have:
+
+    * ``z_loss``: PaLM's auxiliary loss :math:`z \cdot \mathrm{lse}^2` per kept
+      element, added to the loss (a mean divides it by the number of kept
+      elements); its gradient is :math:`2 z\, \mathrm{lse}\, p_c`.
+    * ``softcap``: Gemma 2's soft-capping, the loss of :math:`c \tanh(x / c)`
+      instead of :math:`x`, differentiated through (:math:`1 - \tanh^2`).
+    * ``return_lse``, ``return_z_loss``: return a :class:`CrossEntropyOutput`
+      with the per-element log-sum-exp and the reduced z-loss beside the loss.
+    * ``inplace_backward``: write the gradient into ``input``'s own memory
+      (no logits-sized buffer at all; ``input`` no longer holds the logits
+      afterwards, and an op that saved them raises in backward).
 
     Raises:
         IndexError: a class index outside ``[0, C)`` that is not ``ignore_index``.
-        TypeError, ValueError: wrong dtype, shape, device, reduction or smoothing.
-        RuntimeError: class-index targets with a weight that requires grad
-            (in grad mode), which torch cannot differentiate either.
+        ValueError, TypeError, RuntimeError subclasses of :mod:`fastsoftmax.errors`:
+            wrong shape, dtype, device, reduction or smoothing, as torch raises them.
     """
-    if size_average is not None or reduce is not None:
-        reduction = _reduction.legacy_get_string(size_average, reduce)
-    validation.check_cross_entropy(input, target, weight, reduction, label_smoothing)
-    label_smoothing = float(label_smoothing)
+    reduction = validation.reduction_of(reduction, size_average, reduce)
+    prob, ignore_index, eps = validation.check_cross_entropy(input, target, weight, ignore_index, label_smoothing)
+    z = validation.as_float(z_loss, "z_loss", "cross_entropy", 9)
     grad_mode = torch.is_grad_enabled()
-    if grad_mode and weight is not None and weight.requires_grad and not target.is_floating_point():
-        # torch's nll_loss has no weight gradient either
+    if grad_mode and weight is not None and weight.requires_grad and not prob:
         raise RuntimeError(
-            "fastsoftmax: cross_entropy with class-index targets is not differentiable with respect to weight; "
-            "detach the weight"
+            "fastsoftmax: The function 'nll_loss_forward' is not differentiable with respect to argument 'weight'. "
+            "This input cannot have requires_grad True: class weights of index targets take no gradient; detach them"
         )
-    if grad_mode and (target.requires_grad or (weight is not None and weight.requires_grad)):
-        return ce_op.composite(input, target, weight, reduction, label_smoothing, log_softmax)
-    if torch.compiler.is_compiling():
-        compute_grad = input.requires_grad and grad_mode
-        loss, _ = ce_op.cross_entropy_op(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad)
+    dtype = validation.result_dtype(input, target, weight, prob)
+    if dtype != input.dtype:
+        input = input.to(dtype)  # probability targets of higher precision promote the loss, as in torch
+    if softcap is not None:
+        cap = validation.as_float(softcap, "softcap", "cross_entropy", 10)
+        if not cap > 0:
+            raise validation.ArgumentError(f"fastsoftmax: softcap must be positive, got {cap}")
+        input = cap * torch.tanh(input / cap)  # the chain rule through tanh is autograd's
+    want_lse = return_lse
+    extras = return_lse or return_z_loss
+    composite = grad_mode and (target.requires_grad or (weight is not None and weight.requires_grad))
+    if composite or input.device.type == "meta" or torch.compiler.is_compiling():
+        loss, lse = _cross_entropy_op_path(input, target, weight, ignore_index, reduction, eps, z, want_lse or return_z_loss, composite)
+    elif not (grad_mode and input.requires_grad):
+        loss, _, lse = ce_op.forward(input, target, weight, ignore_index, reduction, eps, False, z, want_lse or return_z_loss)
+    else:
+        inplace = bool(inplace_backward) and softcap is None
+        out = ce_op.CrossEntropyCore.apply(input, target, weight, ignore_index, reduction, eps, z, want_lse or return_z_loss, inplace)
+        loss, lse = out if isinstance(out, tuple) else (out, None)
+    if not extras:
         return loss
-    if not (grad_mode and input.requires_grad):
-        loss, _ = ce_op.forward(input, target, weight, ignore_index, reduction, label_smoothing, False)
-        return loss
-    return ce_op.CrossEntropyFunction.apply(input, target, weight, ignore_index, reduction, label_smoothing)
+    z_value = _z_value(lse, target, ignore_index, prob, z, reduction, dtype) if return_z_loss else None
+    return CrossEntropyOutput(loss, z_value, lse if return_lse else None)
+
+
+def _cross_entropy_op_path(input, target, weight, ignore_index, reduction, eps, z, want_lse, composite):
+    """The loss through the registered op (compile, meta) or, for targets or weights that require grad, in torch ops."""
+    if composite:
+        loss = ce_op.composite(input, target, weight, reduction, eps, log_softmax)
+        if z:
+            loss = loss + ce_op.z_term_graph(input, target, ignore_index, z, reduction)
+        lse = ce_op.lse_graph(input).detach() if want_lse else None
+        return loss, lse
+    compute_grad = input.requires_grad and torch.is_grad_enabled()
+    loss, _, lse = ce_op.cross_entropy_op(input, target, weight, ignore_index, reduction, eps, z, compute_grad, want_lse)
+    return loss, (lse if want_lse else None)
+
+
+def _z_value(lse, target, ignore_index, prob, z, reduction, dtype):
+    """The z-loss term of the loss, reduced (detached): ``z * lse**2`` over the kept elements."""
+    term = z * lse.detach().to(torch.float64).square()
+    kept = None if prob else (target != ignore_index)
+    if kept is not None:
+        term = torch.where(kept, term, 0.0)
+    if reduction == "none":
+        return term.to(dtype)
+    total = term.sum()
+    if reduction == "mean":
+        n = int(kept.sum()) if kept is not None else term.numel()
+        total = total / n if n else total * 0
+    return total.to(dtype)

@@ -1,14 +1,15 @@
 """Modules: PyTorch's own, with the forward swapped for ours.
 
 Subclassing keeps constructor arguments, ``repr``, ``state_dict`` (the
-cross-entropy ``weight`` buffer) and ``extra_repr`` identical to torch's.
+cross-entropy ``weight`` buffer), pickling and ``extra_repr`` identical to
+torch's.
 """
 
 import torch
 
 from . import functional as F
 
-__all__ = ["Softmax", "LogSoftmax", "CrossEntropyLoss"]
+__all__ = ["Softmax", "LogSoftmax", "Softmin", "Softmax2d", "CrossEntropyLoss"]
 
 
 class Softmax(torch.nn.Softmax):
@@ -25,8 +26,45 @@ class LogSoftmax(torch.nn.LogSoftmax):
         return F.log_softmax(input, self.dim, _stacklevel=5)
 
 
+class Softmin(torch.nn.Softmin):
+    """:class:`torch.nn.Softmin` computed by :func:`fastsoftmax.softmin`."""
+
+    def forward(self, input):
+        return F.softmin(input, self.dim, _stacklevel=5)
+
+
+class Softmax2d(torch.nn.Softmax2d):
+    """:class:`torch.nn.Softmax2d` (softmax over the channels of ``(N, C, H, W)`` or ``(C, H, W)``) computed by ours."""
+
+    def forward(self, input):
+        if input.dim() not in (3, 4):
+            raise ValueError(f"Softmax2d: expected input to be 3D or 4D, got {input.dim()}D instead")
+        return F.softmax(input, -3, _stacklevel=5)
+
+
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
-    """:class:`torch.nn.CrossEntropyLoss` computed by :func:`fastsoftmax.cross_entropy`."""
+    """:class:`torch.nn.CrossEntropyLoss` computed by :func:`fastsoftmax.cross_entropy`.
+
+    Torch's arguments, then two keyword-only ones of ours, stored as
+    attributes: ``z_loss`` (PaLM's ``z * lse**2``) and ``softcap`` (Gemma 2's
+    ``c * tanh(x / c)``); see :func:`fastsoftmax.cross_entropy`.
+    """
+
+    def __init__(
+        self,
+        weight=None,
+        size_average=None,
+        ignore_index=-100,
+        reduce=None,
+        reduction="mean",
+        label_smoothing=0.0,
+        *,
+        z_loss=0.0,
+        softcap=None,
+    ):
+        super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        self.z_loss = z_loss
+        self.softcap = softcap
 
     def forward(self, input, target):
         return F.cross_entropy(
@@ -36,4 +74,6 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             ignore_index=self.ignore_index,
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
+            z_loss=getattr(self, "z_loss", 0.0),
+            softcap=getattr(self, "softcap", None),
         )

@@ -3,11 +3,17 @@
 #: Fast-math flags for the CPU kernels. Deliberately not ``fastmath=True``:
 #: without ``nnan`` and ``ninf`` LLVM may not assume away NaN or infinity, so
 #: ``-inf`` masks give exact zeros and a NaN stays in its row, as in PyTorch.
-#: ``reassoc`` lets LLVM split reductions into SIMD lanes; ``contract`` allows FMA.
-FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
+#: Without ``reassoc`` and ``contract`` LLVM may not reorder a sum or fuse a
+#: multiply into an add: every compilation of a kernel (serial or parallel,
+#: fresh or from Numba's cache) then computes each row bit for bit the same,
+#: whatever batch it comes in. The sums are vectorised by hand instead
+#: (``intrinsics.lane_sum``).
+FASTMATH = frozenset({"nsz", "arcp", "afn"})
 
-#: Flags for the exp and log polynomials: their Cody-Waite range reduction
-#: must be evaluated in the written order, so no ``reassoc`` and no ``afn``.
+#: Flags for the exp polynomial and for code that must be evaluated as
+#: written: no ``reassoc`` and no ``afn``. ``contract`` lets the polynomial's
+#: multiply-adds and the one-part ln2 reduction be single FMAs, each of them
+#: one multiply and one add, so the fused form is the only one.
 FASTMATH_EXACT = frozenset({"nsz", "contract"})
 
 #: Below this many elements the CPU kernels run on the calling thread:

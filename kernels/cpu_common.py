@@ -13,19 +13,20 @@ the passes after it (``C`` floats: 128 KiB at ``C = 32000``) run from L2.
 Inner loops are branch-free so that LLVM vectorises them.
 """
 
-import numpy as np
 
 from . import config
 from .exp import vexp_nonpos
-from .intrinsics import fetch_add, prefetch, row_max, stream_vector
+from .intrinsics import fetch_add, lane_dot64, lane_sum, lane_sum64, prefetch, row_max, stream_vector
 from .jit import cast_like, exact, inline
 
-#: The forward kernels' sums (of exponentials, of logits) run in SIMD lanes of
-#: the input dtype over blocks of this many elements; the block sums are added
-#: in float64. A float64 accumulator doubled the time of the exp loop, which
-#: bounds the forward's speed; a plain float32 one loses digits on long rows
-#: (2.8e-6 relative at 32000 columns). The backward's sums are plain float64
-#: (:func:`dot`).
+#: The forward kernels' sums (of exponentials, of logits) add the elements
+#: of each block of this many in the input dtype, in the fixed order of
+#: :func:`.intrinsics.lane_sum`, and the block sums in float64. A float64
+#: accumulator would double the time of the exp loop, which bounds the
+#: forward's speed; a float32 one over a whole row loses digits on long
+#: rows (2.8e-6 relative at 32000 columns). Each kernel's scratch ends in a
+#: block of this many elements per worker, where terms that are not stored
+#: anyway are put before they are summed.
 BLOCK = 256
 
 
@@ -43,111 +44,124 @@ def row_max_of(xr):
 _LINE = 16
 
 
-def _exp_loop(store: bool):
-    """The loop of :func:`exp_sum`, compiled with each ``exp`` stored into ``out`` or not."""
-
-    def exp_sum(xr, m, out, ahead):
-        n = xr.shape[0]
-        total = 0.0
-        for b in range(0, n, BLOCK):
-            end = min(b + BLOCK, n)
-            for k in range(b, min(end, ahead.shape[0]), _LINE):
-                prefetch(ahead, k)
-            part = cast_like(0.0, xr)
-            # zero-based loops over slices: LLVM then knows the index is never
-            # negative and drops Numba's wraparound arithmetic from every load
-            xb = xr[b:end]
-            ob = out[b:end]
-            for j in range(xb.shape[0]):
-                e = vexp_nonpos(xb[j] - m)
-                if store:  # a constant of this closure: no branch in the compiled loop
-                    ob[j] = e
-                part += e
-            total += part
-        return total
-
-    return inline(exp_sum)
-
-
-_exp_sum_stored, _exp_sum_only = _exp_loop(True), _exp_loop(False)
+@inline
+def _prefetch_block(ahead, b, end):
+    for k in range(b, min(end, ahead.shape[0]), _LINE):
+        prefetch(ahead, k)
 
 
 @inline
-def exp_sum(xr, m, out, ahead):
-    """``sum_j exp(x_j - m)`` in float64; each ``exp`` also stored in ``out`` if it is non-empty.
+def exp_sum(xr, m, out, blk, ahead):
+    """``sum_j exp(x_j - m)`` in float64, each ``exp`` stored in ``out`` (or, if it is empty, in the block ``blk``).
 
     While it computes, it prefetches ``ahead`` (the next row, or empty), so
     that reading the next row from memory overlaps this row's arithmetic.
-    Whether to store is decided once per row, here, so that the loop
-    itself carries no test.
+    ``out`` must not overlap ``xr`` (see :func:`exp_sum_inplace`).
     """
-    if out.shape[0] > 0:
-        return _exp_sum_stored(xr, m, out, ahead)
-    return _exp_sum_only(xr, m, out, ahead)
+    n = xr.shape[0]
+    store = out.shape[0] > 0
+    total = 0.0
+    for b in range(0, n, BLOCK):
+        end = min(b + BLOCK, n)
+        _prefetch_block(ahead, b, end)
+        # zero-based loops over slices: LLVM then knows the index is never
+        # negative and drops Numba's wraparound arithmetic from every load
+        xb = xr[b:end]
+        ob = out[b:end] if store else blk[: end - b]
+        for j in range(xb.shape[0]):
+            ob[j] = vexp_nonpos(xb[j] - m)
+        total += lane_sum(ob)
+    return total
+
+
+@inline
+def exp_sum_inplace(row, m, ahead):
+    """:func:`exp_sum` that overwrites ``row`` with its exponentials (the in-place cross-entropy gradient).
+
+    Written over one array, so that LLVM sees each element read then written
+    at the same index and vectorises the loop, which it would not for two
+    arrays that overlap.
+    """
+    n = row.shape[0]
+    total = 0.0
+    for b in range(0, n, BLOCK):
+        end = min(b + BLOCK, n)
+        _prefetch_block(ahead, b, end)
+        rb = row[b:end]
+        for j in range(rb.shape[0]):
+            rb[j] = vexp_nonpos(rb[j] - m)
+        total += lane_sum(rb)
+    return total
 
 
 @inline
 def dot(a, b):
-    """``sum_j a_j * b_j`` (``b`` empty: ``sum_j a_j``), products and sum in float64.
+    """``sum_j a_j * b_j`` (``b`` empty: ``sum_j a_j``), products and sum in float64, in a fixed order.
 
     The backward kernels subtract this sum times a probability from each
     ``dy_j``; a float32 sum (within an ulp of ``sum_j |dy_j|``) put errors of
     ~100 ulps into gradients where that cancels. In float64 the products are
-    exact and the loop still vectorises, in a pass bound by memory anyway.
+    exact.
     """
-    total = 0.0
     if b.shape[0] > 0:
-        for j in range(a.shape[0]):
-            total += np.float64(a[j]) * np.float64(b[j])
-    else:
-        for j in range(a.shape[0]):
-            total += np.float64(a[j])
-    return total
+        return lane_dot64(a, b)
+    return lane_sum64(a)
 
 
 @inline
-def gap_dot(xr, m, w):
-    """``sum_j w_j * (m - x_j)`` in float64 (``w`` empty: all ones)."""
+def gap_sum(xr, m, w, blk):
+    """``sum_j w_j * (m - x_j)`` in float64 (``w`` empty: all ones), the terms of each block put in ``blk`` first."""
     n = xr.shape[0]
     total = 0.0
-    for k in range(0, n, BLOCK):
-        end = min(k + BLOCK, n)
-        part = cast_like(0.0, xr)
+    for b in range(0, n, BLOCK):
+        end = min(b + BLOCK, n)
+        xb = xr[b:end]
+        tb = blk[: end - b]
         if w.shape[0] > 0:
-            for j in range(k, end):
-                part += w[j] * (m - xr[j])
+            wb = w[b:end]
+            for j in range(xb.shape[0]):
+                tb[j] = wb[j] * (m - xb[j])
         else:
-            for j in range(k, end):
-                part += m - xr[j]
-        total += part
+            for j in range(xb.shape[0]):
+                tb[j] = m - xb[j]
+        total += lane_sum(tb)
     return total
 
 
 @inline
-def target_sums(xr, m, qr, w, keep, spread):
+def target_sums(xr, m, qr, w, keep, spread, blk):
     """``(sum_j a_j, sum_j a_j * (m - x_j))`` in float64, ``a_j = w_j * (keep * q_j + spread)`` (``w`` empty: ones)."""
     n = xr.shape[0]
     k = cast_like(keep, xr)
     e = cast_like(spread, xr)
+    half = blk.shape[0] // 2
     a_total = 0.0
     ad_total = 0.0
-    for b in range(0, n, BLOCK):
-        end = min(b + BLOCK, n)
-        a_part = cast_like(0.0, xr)
-        ad_part = cast_like(0.0, xr)
+    for b in range(0, n, half):
+        end = min(b + half, n)
+        xb, qb = xr[b:end], qr[b:end]
+        ab, adb = blk[: end - b], blk[half : half + end - b]
         if w.shape[0] > 0:
-            for j in range(b, end):
-                a = w[j] * (k * qr[j] + e)
-                a_part += a
-                ad_part += a * (m - xr[j])
+            wb = w[b:end]
+            for j in range(xb.shape[0]):
+                ab[j] = wb[j] * (k * qb[j] + e)
         else:
-            for j in range(b, end):
-                a = k * qr[j] + e
-                a_part += a
-                ad_part += a * (m - xr[j])
-        a_total += a_part
-        ad_total += ad_part
+            for j in range(xb.shape[0]):
+                ab[j] = k * qb[j] + e
+        for j in range(xb.shape[0]):
+            adb[j] = ab[j] * (m - xb[j])
+        a_total += lane_sum(ab)
+        ad_total += lane_sum(adb)
     return a_total, ad_total
+
+
+@inline
+def holds_nan(xr):
+    """Whether the row holds a NaN (an integer count, which LLVM vectorises without reordering any sum)."""
+    count = 0
+    for j in range(xr.shape[0]):
+        count += xr[j] != xr[j]
+    return count > 0
 
 
 _AHEAD = config.CPU_PREFETCH_ROWS

@@ -163,19 +163,22 @@ def _softmax_backward_middle(y, dy, dx, scratch, totals, queue, log):
             lo, hi = claim(queue, n_items)
 
 
-def _cross_entropy_index_middle(x, target, weight, ignore_index, eps, scale, loss, grad, scratch, totals, queue):
+def _cross_entropy_index_middle(x, target, weight, ignore_index, eps, scale, z_scale, loss, lse, grad, scratch, totals, queue):
     """Fused cross-entropy over the middle axis: logits ``x`` (O, C, I), class indices ``target`` (O, I).
 
-    The loss of :func:`_cross_entropy_index` for every position ``(o, i)``,
-    written to ``loss`` (O, I), and, when ``grad`` has rows, its gradient
-    (O, C, I), laid out like ``x``. Blocks of W positions as in
-    :func:`_softmax_forward_middle`; scratch ``(workers, 5, W)``: maxima,
-    partial sums, and per position the factor of ``exp(x - m)``, the factor
-    of ``w_c`` and the one-hot term of the gradient.
+    The loss of :func:`.cpu_rows._cross_entropy_index` for every position
+    ``(o, i)``, written to ``loss`` (O, I), the log-sum-exp to ``lse`` (O, I)
+    if it has elements, and, when ``grad`` has rows, the gradient (O, C, I),
+    laid out like ``x`` (``grad`` may be ``x``). Blocks of W positions as in
+    :func:`_softmax_forward_middle`; scratch ``(workers, 6, W)``: maxima,
+    partial sums, per position the factor of ``exp(x - m)``, the factor of
+    ``w_c`` and the one-hot term of the gradient, and the target logits;
+    totals ``(workers, 2, W)`` float64: ``s`` and ``sum_c w_c (m - x_c)``.
     """
     n_outer, n_classes, n_inner = x.shape
     has_w = weight.shape[0] > 0
     want_grad = grad.shape[0] > 0
+    want_lse = lse.shape[0] > 0
     w_sum = dot(weight, weight[:0]) if has_w else float(n_classes)
     width, n_blocks, n_items = _middle_blocks(n_outer, n_inner, scratch)
     for w in prange(queue[WORKERS]):
@@ -185,10 +188,11 @@ def _cross_entropy_index_middle(x, target, weight, ignore_index, eps, scale, los
                 o, i0, i1 = _middle_item(item, n_blocks, width, n_inner)
                 m, part = scratch[w, 0, : i1 - i0], scratch[w, 1, : i1 - i0]
                 k_exp, k_w, k_hot = scratch[w, 2, : i1 - i0], scratch[w, 3, : i1 - i0], scratch[w, 4, : i1 - i0]
+                x_t = scratch[w, 5, : i1 - i0]
                 s, sum_wd = totals[w, 0, : i1 - i0], totals[w, 1, : i1 - i0]
                 xs = x[o]
                 _middle_max(xs, i0, i1, m)
-                _middle_exp_sum(xs, i0, i1, m, grad[o] if want_grad else xs[:0], part, s)
+                # everything the loss reads from the logits, before an in-place gradient overwrites them
                 sum_wd[:] = 0.0
                 if eps > 0.0:
                     for c in range(n_classes):
@@ -198,14 +202,23 @@ def _cross_entropy_index_middle(x, target, weight, ignore_index, eps, scale, los
                             sum_wd[i] += w_c * (np.float64(m[i]) - np.float64(xr[i]))
                 for i in range(m.shape[0]):
                     t = target[o, i0 + i]
+                    x_t[i] = xs[0 if t == ignore_index else t, i0 + i]
+                _middle_exp_sum(xs, i0, i1, m, grad[o] if want_grad else xs[:0], part, s)
+                for i in range(m.shape[0]):
+                    t = target[o, i0 + i]
+                    log_s = math.log(s[i])
+                    if want_lse:
+                        lse[o, i0 + i] = m[i] + log_s
                     if t == ignore_index:
                         loss[o, i0 + i] = 0.0
                         k_exp[i] = 0
                         k_w[i] = 0
                         continue
                     w_t = weight[t] if has_w else 1.0
-                    loss[o, i0 + i] = ce_index_loss(m[i], math.log(s[i]), xs[t, i0 + i], w_t, sum_wd[i], w_sum, eps, n_classes)
+                    loss[o, i0 + i] = ce_index_loss(m[i], log_s, x_t[i], w_t, sum_wd[i], w_sum, eps, n_classes)
                     ke, kw, kh = ce_index_grad_coeffs(s[i], w_t, w_sum, eps, n_classes, scale)
+                    if z_scale != 0.0:
+                        ke += 2.0 * z_scale * (m[i] + log_s) / s[i]
                     k_exp[i] = cast_like(ke, k_exp)
                     k_w[i] = cast_like(kw, k_w)
                     k_hot[i] = cast_like(kh, k_hot)
@@ -220,20 +233,24 @@ def _cross_entropy_index_middle(x, target, weight, ignore_index, eps, scale, los
                 for i in range(m.shape[0]):
                     t = target[o, i0 + i]
                     if t == ignore_index:
+                        # 0 exactly, even where a logit is NaN; NaN where torch's log-softmax is
+                        fill = math.nan if s[i] != s[i] else 0.0
                         for c in range(n_classes):
-                            g[c, i0 + i] = 0  # exactly, even where a logit is NaN
+                            g[c, i0 + i] = fill
                     else:
                         g[t, i0 + i] -= k_hot[i]
             lo, hi = claim(queue, n_items)
 
 
-def _cross_entropy_prob_middle(x, q, weight, eps, scale, loss, grad, scratch, totals, queue):
+def _cross_entropy_prob_middle(x, q, weight, eps, scale, z_scale, loss, lse, grad, scratch, totals, queue):
     """Fused cross-entropy over the middle axis with class probabilities: ``x`` and ``q`` (O, C, I).
 
-    The loss of :func:`_cross_entropy_prob` for every position ``(o, i)``,
-    written to ``loss`` (O, I), and, when ``grad`` has rows, its gradient
-    (O, C, I), laid out like ``x``: with ``a_c = w_c * ((1 - eps) * q_c + eps / C)``
-    and ``A = sum_c a_c``, ``loss = sum_c a_c * (m - x_c) + A * log(s)`` and
+    The loss of :func:`.cpu_rows._cross_entropy_prob` for every position
+    ``(o, i)``, written to ``loss`` (O, I), the log-sum-exp to ``lse`` if it
+    has elements, and, when ``grad`` has rows, the gradient (O, C, I), laid
+    out like ``x`` (``grad`` may be ``x``): with
+    ``a_c = w_c * ((1 - eps) * q_c + eps / C)`` and ``A = sum_c a_c``,
+    ``loss = sum_c a_c * (m - x_c) + A * log(s)`` and
     ``d loss / d x_c = A * exp(x_c - m) / s - a_c``. Scratch ``(workers, 3, W)``:
     maxima, partial sums, the factor ``A * scale / s``; totals
     ``(workers, 3, W)`` float64: ``s``, ``A`` and ``sum_c a_c * (m - x_c)``.
@@ -241,6 +258,7 @@ def _cross_entropy_prob_middle(x, q, weight, eps, scale, loss, grad, scratch, to
     n_outer, n_classes, n_inner = x.shape
     has_w = weight.shape[0] > 0
     want_grad = grad.shape[0] > 0
+    want_lse = lse.shape[0] > 0
     keep = 1.0 - eps
     spread = eps / n_classes
     k_keep = cast_like(keep * scale, x)
@@ -255,7 +273,6 @@ def _cross_entropy_prob_middle(x, q, weight, eps, scale, loss, grad, scratch, to
                 s, a_sum, ad_sum = totals[w, 0, : i1 - i0], totals[w, 1, : i1 - i0], totals[w, 2, : i1 - i0]
                 xs, qs = x[o], q[o]
                 _middle_max(xs, i0, i1, m)
-                _middle_exp_sum(xs, i0, i1, m, grad[o] if want_grad else xs[:0], part, s)
                 a_sum[:] = 0.0
                 ad_sum[:] = 0.0
                 for c in range(n_classes):
@@ -265,9 +282,16 @@ def _cross_entropy_prob_middle(x, q, weight, eps, scale, loss, grad, scratch, to
                         a = w_c * (keep * np.float64(qr[i]) + spread)
                         a_sum[i] += a
                         ad_sum[i] += a * (np.float64(m[i]) - np.float64(xr[i]))
+                _middle_exp_sum(xs, i0, i1, m, grad[o] if want_grad else xs[:0], part, s)
                 for i in range(m.shape[0]):
-                    loss[o, i0 + i] = ad_sum[i] + a_sum[i] * math.log(s[i])
-                    k_exp[i] = cast_like(a_sum[i] * scale / s[i], k_exp)
+                    log_s = math.log(s[i])
+                    loss[o, i0 + i] = ad_sum[i] + a_sum[i] * log_s
+                    if want_lse:
+                        lse[o, i0 + i] = m[i] + log_s
+                    ke = a_sum[i] * scale / s[i]
+                    if z_scale != 0.0:
+                        ke += 2.0 * z_scale * (m[i] + log_s) / s[i]
+                    k_exp[i] = cast_like(ke, k_exp)
                 if not want_grad:
                     continue
                 for c in range(n_classes):
@@ -276,8 +300,6 @@ def _cross_entropy_prob_middle(x, q, weight, eps, scale, loss, grad, scratch, to
                     for i in range(gr.shape[0]):
                         gr[i] = gr[i] * k_exp[i] - w_c * (k_keep * qr[i] + k_spread)
             lo, hi = claim(queue, n_items)
-
-
 
 
 softmax_forward_middle = twins(_softmax_forward_middle)

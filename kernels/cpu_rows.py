@@ -13,18 +13,21 @@ from numba import njit, prange
 
 from . import rowmath
 from .cpu_common import (
+    BLOCK,
     WORKERS,
     claim,
     dot,
     exp_sum,
+    exp_sum_inplace,
     flush,
-    gap_dot,
+    gap_sum,
+    holds_nan,
     next_row,
     row_max_of,
     target_sums,
 )
 from .exp import vexp_nonpos
-from .intrinsics import store_fence
+from .intrinsics import lane_sum64, store_fence
 from .jit import EXACT, cast_like, exact, inline, twins
 
 ce_index_loss = njit(**EXACT)(rowmath.ce_index_loss)
@@ -39,30 +42,38 @@ def _store_shifted(xr, yr, m, log_s):
 
 
 
+@inline
+def _scratch_parts(scratch, w):
+    """Worker ``w``'s stream row (empty when rows are built in place) and its block of :data:`BLOCK`."""
+    n_stream = scratch.shape[1] - BLOCK
+    return scratch[w, :n_stream], scratch[w, n_stream:]
+
+
 def _softmax_forward(x, y, scratch, queue):
     """``y = exp(x - m) / sum(exp(x - m))`` per row, ``m`` the row max.
 
-    Rows are claimed from ``queue`` (see the module docstring). ``scratch``
-    has a row per worker; when it has columns (the output is larger than the
-    cache), each row is built in its worker's scratch row and written to ``y``
-    with non-temporal stores, which saves reading ``y`` into the cache before
-    writing it, once the worker has the max of its next row (:func:`flush`);
-    one fence per worker then makes those stores visible. A NaN anywhere in a row
-    makes the whole row NaN (through the sum); a row of all ``-inf`` gives NaN,
-    as in PyTorch.
+    Rows are claimed from ``queue`` (see :mod:`.cpu_common`). ``scratch``
+    has a row per worker: a stream row, then a block of :data:`BLOCK`. When
+    the stream row has columns (the output is larger than the cache), each
+    row is built there and written to ``y`` with non-temporal stores, which
+    saves reading ``y`` into the cache before writing it, once the worker
+    has the max of its next row (:func:`flush`); one fence per worker then
+    makes those stores visible. A NaN anywhere in a row makes the whole row
+    NaN (through the sum); a row of all ``-inf`` gives NaN, as in PyTorch.
     """
-    stream = scratch.shape[1] > 0
     for w in prange(queue[WORKERS]):
-        pending, pending_inv = -1, cast_like(1.0, x)  # the row whose exps scratch[w] holds, not yet in y
+        row, blk = _scratch_parts(scratch, w)
+        stream = row.shape[0] > 0
+        pending, pending_inv = -1, cast_like(1.0, x)  # the row whose exps `row` holds, not yet in y
         lo, hi = claim(queue, x.shape[0])
         while lo < hi:
             for i in range(lo, hi):
                 xr = x[i]
-                buf = scratch[w] if stream else y[i]
+                buf = row if stream else y[i]
                 m = row_max_of(xr)
                 if stream:
                     pending = flush(y, buf, pending, pending_inv)
-                inv = cast_like(1.0 / exp_sum(xr, m, buf, next_row(x, i)), xr)
+                inv = cast_like(1.0 / exp_sum(xr, m, buf, blk, next_row(x, i)), xr)
                 if stream:
                     pending, pending_inv = i, inv
                 else:
@@ -70,7 +81,7 @@ def _softmax_forward(x, y, scratch, queue):
                         buf[j] *= inv
             lo, hi = claim(queue, x.shape[0])
         if stream:
-            flush(y, scratch[w], pending, pending_inv)
+            flush(y, row, pending, pending_inv)
             store_fence()
 
 
@@ -78,7 +89,7 @@ def _softmax_backward(y, dy, dx, queue, log):
     """The gradient from the forward output ``y``, per row.
 
     softmax: ``dx = y * (dy - sum(dy * y))``; log-softmax (``log``):
-    ``dx = dy - exp(y) * sum(dy)``.
+    ``dx = dy - exp(y) * sum(dy)``. ``dx`` may be ``dy`` (in place).
     """
     for w in prange(queue[WORKERS]):
         lo, hi = claim(queue, y.shape[0])
@@ -97,127 +108,159 @@ def _softmax_backward(y, dy, dx, queue, log):
 
 def _log_softmax_forward(x, y, scratch, queue):
     """``y = (x - m) - log(sum(exp(x - m)))`` per row (``scratch`` as in :func:`_softmax_forward`)."""
-    stream = scratch.shape[1] > 0
-    no_store = x[0, :0]
     one = cast_like(1.0, x)
     for w in prange(queue[WORKERS]):
+        row, blk = _scratch_parts(scratch, w)
+        stream = row.shape[0] > 0
         pending = -1
         lo, hi = claim(queue, x.shape[0])
         while lo < hi:
             for i in range(lo, hi):
                 xr = x[i]
-                buf = scratch[w] if stream else y[i]
+                buf = row if stream else y[i]
                 m = row_max_of(xr)
                 if stream:
                     pending = flush(y, buf, pending, one)
-                _store_shifted(xr, buf, m, cast_like(math.log(exp_sum(xr, m, no_store, next_row(x, i))), xr))
+                log_s = math.log(exp_sum(xr, m, blk[:0], blk, next_row(x, i)))
+                _store_shifted(xr, buf, m, cast_like(log_s, xr))
                 if stream:
                     pending = i
             lo, hi = claim(queue, x.shape[0])
         if stream:
-            flush(y, scratch[w], pending, one)
+            flush(y, row, pending, one)
             store_fence()
 
 
 @inline
-def _grad_row(scratch, grad, w, i):
-    """Where worker ``w`` builds row ``i``'s gradient: its scratch row (streamed out after), the gradient row, or an empty row when no gradient is wanted.
-
-    The empty row is cut from ``scratch``, not from the logits: were it, LLVM
-    would take the stores into the row as possibly writing the logits, and
-    leave the exp loop of the serial twin scalar (4x slower).
-    """
-    if grad.shape[0] == 0:
-        return scratch[w, :0]
-    return scratch[w] if scratch.shape[1] > 0 else grad[i]
+def _lse_of_row(xr, m, buf, blk, inplace, ahead):
+    """``(s, log s)`` of a row, its exponentials left in ``buf`` (or in ``xr`` itself when ``inplace``)."""
+    s = exp_sum_inplace(xr, m, ahead) if inplace else exp_sum(xr, m, buf, blk, ahead)
+    return s, math.log(s)
 
 
-def _cross_entropy_index(x, target, weight, ignore_index, eps, scale, loss, grad, scratch, queue):
-    """Fused cross-entropy with class-index targets: loss and gradient in one sweep.
+@inline
+def _gradient_row(buf, k_exp, k_w, weight):
+    """``buf = buf * k_exp - k_w * w`` (``w`` empty: ones): the gradient from the exponentials ``buf``."""
+    ke = cast_like(k_exp, buf)
+    kw = cast_like(k_w, buf)
+    if weight.shape[0] > 0:
+        for j in range(buf.shape[0]):
+            buf[j] = buf[j] * ke - kw * weight[j]
+    else:
+        for j in range(buf.shape[0]):
+            buf[j] = buf[j] * ke - kw
+
+
+def _cross_entropy_index(x, target, weight, ignore_index, eps, scale, z_scale, loss, lse, grad, scratch, queue):
+    """Fused cross-entropy with class-index targets: loss, log-sum-exp and gradient in one sweep.
 
     ``x`` (R, C) logits; ``target`` (R,) int64, already checked to lie in
     ``[0, C)`` or equal ``ignore_index``; ``weight`` (C,) class weights, or
     shape (0,) for none; ``eps`` the label smoothing; ``scale`` the factor the
-    reduction puts on every row's gradient (``1 / total weight`` for a mean).
-    Writes ``loss`` (R,), float64, unreduced, and, when ``grad`` has R rows,
-    ``grad`` = d(reduced loss)/dx (``scratch`` as in :func:`_softmax_forward`).
-    Ignored rows get loss 0 and gradient 0.
+    reduction puts on every row's gradient (``1 / total weight`` for a mean;
+    NaN when that total is 0, as torch's gradient is then NaN); ``z_scale``
+    the factor of the z-loss ``lse**2`` in the reduced loss (0: none).
+
+    Writes ``loss`` (R,), float64, the unreduced cross-entropy (without the
+    z-loss, whose reduction differs: the host adds it from ``lse``); ``lse``
+    (R,) float64 if it has R elements; and, when ``grad`` has R rows,
+    ``grad`` = d(reduced loss)/dx for a unit grad_output. ``grad`` may be
+    ``x`` itself: every value of the row the loss needs is read before its
+    exponentials overwrite it. An ignored row gets loss 0 and gradient 0, or
+    a NaN gradient if the row holds NaN or ``+inf``, or only ``-inf``: its
+    log-softmax is NaN, and torch multiplies that by the zero weight.
     """
     R, C = x.shape
     has_w = weight.shape[0] > 0
     want_grad = grad.shape[0] > 0
-    w_sum = dot(weight, weight[:0]) if has_w else float(C)
-    stream = want_grad and scratch.shape[1] > 0
+    want_lse = lse.shape[0] > 0
+    inplace = want_grad and grad.ctypes.data == x.ctypes.data
+    w_sum = lane_sum64(weight) if has_w else float(C)
     one = cast_like(1.0, x)
     for w in prange(queue[WORKERS]):
+        row, blk = _scratch_parts(scratch, w)
+        stream = want_grad and row.shape[0] > 0 and not inplace
         pending = -1
         lo, hi = claim(queue, R)
         while lo < hi:
             for i in range(lo, hi):
                 t = target[i]
-                if t == ignore_index:
+                ignored = t == ignore_index
+                xr = x[i]
+                m = row_max_of(xr)
+                if ignored and not want_lse:
                     loss[i] = 0.0
                     if want_grad:
-                        grad[i, :] = 0
+                        grad[i, :] = math.nan if (abs(m) == math.inf or holds_nan(xr)) else 0.0
                     continue
-                xr = x[i]
-                buf = _grad_row(scratch, grad, w, i)
-                m = row_max_of(xr)
+                buf = row if stream else (grad[i] if want_grad else blk[:0])
                 if stream:
                     pending = flush(grad, buf, pending, one)
-                s = exp_sum(xr, m, buf, next_row(x, i))
-                sum_wd = gap_dot(xr, m, weight) if eps > 0.0 else 0.0
-                w_t = weight[t] if has_w else 1.0
-                loss[i] = ce_index_loss(m, math.log(s), xr[t], w_t, sum_wd, w_sum, eps, C)
-                if want_grad:
-                    k_exp, k_w, k_hot = ce_index_grad_coeffs(s, w_t, w_sum, eps, C, scale)
-                    ke = cast_like(k_exp, xr)
-                    kw = cast_like(k_w, xr)
-                    if has_w:
-                        for j in range(C):
-                            buf[j] = buf[j] * ke - kw * weight[j]
-                    else:
-                        for j in range(C):
-                            buf[j] = buf[j] * ke - kw
-                    buf[t] -= cast_like(k_hot, xr)
-                    if stream:
-                        pending = i
+                tt = 0 if ignored else t
+                x_t = xr[tt]
+                sum_wd = gap_sum(xr, m, weight, blk) if eps > 0.0 and not ignored else 0.0
+                s, log_s = _lse_of_row(xr, m, buf, blk, inplace, next_row(x, i))
+                if want_lse:
+                    lse[i] = m + log_s
+                if ignored:
+                    loss[i] = 0.0
+                    if want_grad:
+                        buf[:] = math.nan if s != s else 0.0
+                else:
+                    w_t = weight[t] if has_w else 1.0
+                    loss[i] = ce_index_loss(m, log_s, x_t, w_t, sum_wd, w_sum, eps, C)
+                    if want_grad:
+                        k_exp, k_w, k_hot = ce_index_grad_coeffs(s, w_t, w_sum, eps, C, scale)
+                        if z_scale != 0.0:
+                            k_exp += 2.0 * z_scale * (m + log_s) / s
+                        _gradient_row(buf, k_exp, k_w, weight)
+                        buf[t] -= cast_like(k_hot, buf)
+                if stream:
+                    pending = i
             lo, hi = claim(queue, R)
         if stream:
-            flush(grad, scratch[w], pending, one)
+            flush(grad, row, pending, one)
             store_fence()
 
 
-def _cross_entropy_prob(x, q, weight, eps, scale, loss, grad, scratch, queue):
+def _cross_entropy_prob(x, q, weight, eps, scale, z_scale, loss, lse, grad, scratch, queue):
     """Fused cross-entropy with class-probability targets ``q`` (R, C).
 
     With ``a_j = w_j * ((1 - eps) * q_j + eps / C)`` and ``A = sum_j a_j``:
     ``loss = sum_j a_j * (lse - x_j)`` and ``d loss / d x_j = A * p_j - a_j``.
-    Other arguments as in :func:`_cross_entropy_index`.
+    Other arguments as in :func:`_cross_entropy_index` (``grad`` may be ``x``).
     """
     R, C = x.shape
     has_w = weight.shape[0] > 0
     want_grad = grad.shape[0] > 0
+    want_lse = lse.shape[0] > 0
+    inplace = want_grad and grad.ctypes.data == x.ctypes.data
     keep = 1.0 - eps
     spread = eps / C
-    stream = want_grad and scratch.shape[1] > 0
     one = cast_like(1.0, x)
     for w in prange(queue[WORKERS]):
+        row, blk = _scratch_parts(scratch, w)
+        stream = want_grad and row.shape[0] > 0 and not inplace
         pending = -1
         lo, hi = claim(queue, R)
         while lo < hi:
             for i in range(lo, hi):
                 xr = x[i]
                 qr = q[i]
-                buf = _grad_row(scratch, grad, w, i)
+                buf = row if stream else (grad[i] if want_grad else blk[:0])
                 m = row_max_of(xr)
                 if stream:
                     pending = flush(grad, buf, pending, one)
-                s = exp_sum(xr, m, buf, next_row(x, i))
-                a_sum, sum_ad = target_sums(xr, m, qr, weight, keep, spread)
-                loss[i] = sum_ad + a_sum * math.log(s)
+                a_sum, sum_ad = target_sums(xr, m, qr, weight, keep, spread, blk)
+                s, log_s = _lse_of_row(xr, m, buf, blk, inplace, next_row(x, i))
+                loss[i] = sum_ad + a_sum * log_s
+                if want_lse:
+                    lse[i] = m + log_s
                 if want_grad:
-                    ke = cast_like(a_sum * scale / s, xr)
+                    k_exp = a_sum * scale / s
+                    if z_scale != 0.0:
+                        k_exp += 2.0 * z_scale * (m + log_s) / s
+                    ke = cast_like(k_exp, xr)
                     k_keep = cast_like(keep * scale, xr)
                     k_spread = cast_like(spread * scale, xr)
                     if has_w:
@@ -230,12 +273,12 @@ def _cross_entropy_prob(x, q, weight, eps, scale, loss, grad, scratch, queue):
                         pending = i
             lo, hi = claim(queue, R)
         if stream:
-            flush(grad, scratch[w], pending, one)
+            flush(grad, row, pending, one)
             store_fence()
 
 
 def _scale_rows(src, factor, out, queue):
-    """``out[i, :] = src[i, :] * factor[i]``: the cross-entropy backward."""
+    """``out[i, :] = src[i, :] * factor[i]``: the cross-entropy backward (``out`` may be ``src``)."""
     for w in prange(queue[WORKERS]):
         lo, hi = claim(queue, src.shape[0])
         while lo < hi:
@@ -246,7 +289,6 @@ def _scale_rows(src, factor, out, queue):
                 for j in range(sr.shape[0]):
                     orow[j] = sr[j] * f
             lo, hi = claim(queue, src.shape[0])
-
 
 
 softmax_forward = twins(_softmax_forward)
@@ -268,7 +310,7 @@ def check_targets(target, n_classes, ignore_index, weight):
     has_w = weight.shape[0] > 0
     total = 0.0
     count = 0
-    for i in range(target.shape[0]):
+    for i in range(target.shape[0]):  # sequential: the denominator is the same however the rows are batched
         t = target[i]
         if t == ignore_index:
             continue

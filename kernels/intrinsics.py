@@ -8,6 +8,8 @@ understands, so the loops that call them still become SIMD code:
   max-reduction without the ``nnan`` flag, which we never set.
 * ``row_max(row)``: the max of a whole row, written as a SIMD loop (see
   there for why the vectoriser's maxnum reduction is not enough).
+* ``lane_sum(a)``, ``lane_sum64(a)``, ``lane_dot64(a, b)``: sums in one
+  fixed order, as explicit vector code (see :func:`lane_sum`).
 * ``pow2_from_shifted(t)``: ``2**n`` built directly from the exponent bits
   (``ldexp`` without the call) of a float that carries ``n`` in its low bits.
 
@@ -88,6 +90,110 @@ def row_max(typingctx, row):
         return builder.load(m)
 
     return row.dtype(row), codegen
+
+
+#: Lanes of each accumulator of the lane sums, and accumulators in flight.
+_SUM_LANES, _SUM_UNROLL = 8, 4
+
+
+def _lane_sum_codegen(widen: bool, product: bool):
+    """IR for ``sum_j a_j`` (``product``: ``sum_j a_j * b_j``), in the element type or, ``widen``, in float64.
+
+    Element ``j`` of the body goes to lane ``j % 8`` of accumulator
+    ``(j // 8) % 4``; the accumulators are added as ``(0 + 1) + (2 + 3)``, the
+    lanes of the result halved pairwise (``lane k + lane k + 4``, then
+    ``+ 2``, then ``+ 1``), and the tail added one element at a time in
+    index order. The additions carry no fast-math flags, so LLVM may not
+    reorder them: every compilation, serial or parallel, cached or fresh,
+    on any target, adds in this order.
+    """
+
+    def codegen(context, builder, sig, args):
+        arr_ty = sig.args[0]
+        elem = context.get_value_type(arr_ty.dtype)
+        acc_elem = ir.DoubleType() if widen else elem
+        vin, vacc = ir.VectorType(elem, _SUM_LANES), ir.VectorType(acc_elem, _SUM_LANES)
+        intp = context.get_value_type(types.intp)
+        i32 = ir.IntType(32)
+        arrays = [context.make_array(t)(context, builder, v) for t, v in zip(sig.args, args)]
+        n = builder.extract_value(arrays[0].shape, 0)
+        align = context.get_abi_sizeof(elem)
+
+        def widened(value):
+            return builder.fpext(value, vacc if isinstance(value.type, ir.VectorType) else acc_elem) if widen else value
+
+        def term(j, vector):
+            ptrs = [builder.gep(a.data, [j]) for a in arrays]
+            if vector:
+                vals = [builder.load(builder.bitcast(p, vin.as_pointer()), align=align) for p in ptrs]
+            else:
+                vals = [builder.load(p) for p in ptrs]
+            vals = [widened(v) for v in vals]
+            return builder.fmul(vals[0], vals[1]) if product else vals[0]
+
+        step = _SUM_LANES * _SUM_UNROLL
+        zero = ir.Constant(vacc, [0.0] * _SUM_LANES)
+        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(_SUM_UNROLL)]
+        body = builder.mul(builder.sdiv(n, ir.Constant(intp, step)), ir.Constant(intp, step))
+        with cgutils.for_range_slice(builder, ir.Constant(intp, 0), body, ir.Constant(intp, step), intp=intp) as (j, _):
+            for u, acc in enumerate(accs):
+                v = term(builder.add(j, ir.Constant(intp, u * _SUM_LANES)), vector=True)
+                builder.store(builder.fadd(builder.load(acc), v), acc)
+        a01 = builder.fadd(builder.load(accs[0]), builder.load(accs[1]))
+        a23 = builder.fadd(builder.load(accs[2]), builder.load(accs[3]))
+        vec = builder.fadd(a01, a23)
+        width = _SUM_LANES
+        while width > 1:
+            half = width // 2
+            lo = builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(i32, half), list(range(half))))
+            hi = builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(i32, half), list(range(half, width))))
+            vec = builder.fadd(lo, hi)
+            width = half
+        total = cgutils.alloca_once_value(builder, builder.extract_element(vec, ir.Constant(i32, 0)))
+        with cgutils.for_range_slice(builder, body, n, ir.Constant(intp, 1), intp=intp) as (j, _):
+            builder.store(builder.fadd(builder.load(total), term(j, vector=False)), total)
+        return builder.load(total)
+
+    return codegen
+
+
+def _is_row(a) -> bool:
+    return isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype in (types.float32, types.float64)
+
+
+@intrinsic
+def lane_sum(typingctx, a):
+    """``sum_j a_j`` of a C-contiguous 1-D float array, in its dtype, in one fixed order.
+
+    Eight lanes times four accumulators, then a fixed tree, then the tail in
+    order (:func:`_lane_sum_codegen`). LLVM vectorises a plain ``s += a[j]``
+    only when allowed to reassociate, and then picks the order itself:
+    differently for the serial and the parallel compilation of one kernel,
+    and for a parallel kernel loaded from Numba's cache. A row's result would
+    then depend on the batch it came in. This order is the same everywhere.
+    """
+    if not _is_row(a):
+        return None
+    return a.dtype(a), _lane_sum_codegen(widen=False, product=False)
+
+
+@intrinsic
+def lane_sum64(typingctx, a):
+    """:func:`lane_sum` with every element converted to float64 first: the sum in float64."""
+    if not _is_row(a):
+        return None
+    return types.float64(a), _lane_sum_codegen(widen=True, product=False)
+
+
+@intrinsic
+def lane_dot64(typingctx, a, b):
+    """``sum_j a_j * b_j`` in float64 (exact products of float32 inputs), in the order of :func:`lane_sum`.
+
+    ``a`` and ``b`` must have the same dtype and at least ``len(a)`` elements.
+    """
+    if not (_is_row(a) and _is_row(b) and a.dtype == b.dtype):
+        return None
+    return types.float64(a, b), _lane_sum_codegen(widen=True, product=True)
 
 
 @intrinsic

@@ -42,16 +42,40 @@ def test_hessian_vector_product_matches_torch():
     assert_close(hvp(fastsoftmax.softmax), hvp(TF.softmax))
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "op"])
-def test_cross_entropy_double_backward_raises(compiled):
+@pytest.mark.parametrize("door", ["functional", "op"])
+@pytest.mark.parametrize("kind,reduction", [("index", "mean"), ("index", "none"), ("prob", "sum")])
+def test_cross_entropy_double_backward_matches_torch(door, kind, reduction):
+    """Hessian-vector products through the loss, as torch gives them (the backward recomputes in torch ops)."""
     x = randn(4, 6, dtype=torch.float64).requires_grad_()
-    t = torch.tensor([0, 5, 2, 1])
-    if compiled:
-        loss, _ = ce_ops.cross_entropy_op(x, t, None, -100, "mean", 0.0, True)
+    t = torch.tensor([0, 5, -100, 1]) if kind == "index" else torch.softmax(randn(4, 6, dtype=torch.float64), 1)
+    w = torch.rand(6, dtype=torch.float64) + 0.5
+    v = randn(4, 6, dtype=torch.float64)
+
+    def hvp(loss_fn):
+        loss = loss_fn(x)
+        go = torch.linspace(0.5, 2, loss.numel(), dtype=torch.float64).reshape(loss.shape)
+        (g,) = torch.autograd.grad(loss, x, go, create_graph=True)
+        (h,) = torch.autograd.grad((g * v).sum(), x)
+        return h
+
+    kw = dict(weight=w, reduction=reduction, label_smoothing=0.1)
+    if door == "op":
+        ii = -100 if kind == "index" else -1
+
+        def ours(x):
+            return ce_ops.cross_entropy_op(x, t, w, ii, reduction, 0.1, 0.0, True, False)[0]
     else:
-        loss = fastsoftmax.cross_entropy(x, t)
-    with pytest.raises(NotImplementedError, match="no double backward"):
-        torch.autograd.grad(loss, x, create_graph=True)
+
+        def ours(x):
+            return fastsoftmax.cross_entropy(x, t, **kw)
+
+    assert_close(hvp(ours), hvp(lambda x: TF.cross_entropy(x, t, **kw)))
+
+
+def test_gradgradcheck_cross_entropy_with_z_loss():
+    x = randn(3, 5, dtype=torch.float64).requires_grad_()
+    t = torch.tensor([1, -100, 4])
+    assert torch.autograd.gradgradcheck(lambda x: fastsoftmax.cross_entropy(x, t, z_loss=0.01, label_smoothing=0.2), (x,))
 
 
 @pytest.mark.parametrize("kind", ["index", "prob"])
@@ -79,16 +103,19 @@ def _opcheck_cases():
     yield "log_softmax_backward", softmax_ops.log_softmax_backward_op, (torch.log(y), randn(6, 9), 1)
     t = torch.randint(0, 9, (6,))
     for reduction in ("mean", "none"):
-        yield f"ce_{reduction}", ce_ops.cross_entropy_op, (x, t, None, -100, reduction, 0.1, True)
+        yield f"ce_{reduction}", ce_ops.cross_entropy_op, (x, t, None, -100, reduction, 0.1, 0.0, True, False)
+    yield "ce_z_loss_lse", ce_ops.cross_entropy_op, (x, t, None, -100, "mean", 0.0, 0.01, True, True)
     w = torch.rand(5, dtype=torch.float64)
-    yield "ce_kdim_weighted", ce_ops.cross_entropy_op, (x3, torch.randint(0, 5, (2, 4)), w, 1, "sum", 0.0, True)
-    yield "ce_prob", ce_ops.cross_entropy_op, (x3, torch.softmax(randn(2, 5, 4, dtype=torch.float64), 1), None, -100, "mean", 0.0, True)
+    yield "ce_kdim_weighted", ce_ops.cross_entropy_op, (x3, torch.randint(0, 5, (2, 4)), w, 1, "sum", 0.0, 0.0, True, False)
+    q3 = torch.softmax(randn(2, 5, 4, dtype=torch.float64), 1)
+    yield "ce_prob", ce_ops.cross_entropy_op, (x3, q3, None, -100, "mean", 0.0, 0.0, True, True)
     yield "ce_backward", ce_ops.cross_entropy_backward_op, (randn(6, 9), torch.tensor(0.5), torch.float32)
     # (N, C, d) with 16 positions: reduced over C in place, gradient laid out like the input
     xm = randn(2, 5, 16, dtype=torch.float32).requires_grad_()
-    yield "ce_middle_index", ce_ops.cross_entropy_op, (xm, torch.randint(0, 5, (2, 16)), None, -100, "none", 0.1, True)
+    tm = torch.randint(0, 5, (2, 16))
+    yield "ce_middle_index", ce_ops.cross_entropy_op, (xm, tm, None, -100, "none", 0.1, 0.02, True, True)
     qm = torch.softmax(randn(2, 5, 16, dtype=torch.float32), 1)
-    yield "ce_middle_prob", ce_ops.cross_entropy_op, (xm, qm, None, -100, "mean", 0.1, True)
+    yield "ce_middle_prob", ce_ops.cross_entropy_op, (xm, qm, None, -100, "mean", 0.1, 0.0, True, False)
     yield "ce_middle_backward", ce_ops.cross_entropy_backward_op, (randn(2, 5, 16), randn(2, 16), torch.float32)
 
 

@@ -170,44 +170,6 @@ def test_legacy_size_average_and_reduce():
         )
 
 
-X = torch.randn(4, 5)
-BAD_INPUTS = [
-    ((X, torch.tensor([0, 1, 2, 5])), IndexError, r"target 5 at position 3 is out of bounds"),
-    ((X, torch.tensor([0, -1, 2, 3])), IndexError, r"target -1 at position 1 is out of bounds"),
-    ((X, torch.tensor([0, 1, 2])), ValueError, r"must have shape \(4,\)"),
-    ((X, torch.tensor([[0], [1], [2], [3]])), ValueError, r"must have shape \(4,\)"),
-    ((X, torch.tensor([0, 1, 2, 3], dtype=torch.int32)), TypeError, "int64"),
-    ((X, torch.tensor([True, False, True, True])), TypeError, "int64"),
-    ((X, torch.rand(4, 6)), ValueError, "probability targets must have the input's shape"),
-    ((X, torch.zeros(4, 5, dtype=torch.long)), TypeError, "must be floating point"),
-    ((X.long(), torch.tensor([0, 1, 2, 3])), TypeError, "floating-point"),
-    ((X.bool(), torch.tensor([0, 1, 2, 3])), TypeError, "floating-point"),
-    ((torch.tensor(1.0), torch.tensor(0)), ValueError, "class dimension"),
-    ((torch.empty(4, 0), torch.tensor([0, 0, 0, 0])), ValueError, "no classes"),
-]
-
-
-@pytest.mark.parametrize("args,error,match", BAD_INPUTS, ids=[m for _, _, m in BAD_INPUTS])
-def test_bad_input_raises_clear_error(args, error, match):
-    with pytest.raises(error, match=match):
-        fastsoftmax.cross_entropy(*args)
-
-
-@pytest.mark.parametrize(
-    "kw,error,match",
-    [
-        (dict(weight=torch.ones(3)), ValueError, r"weight must have shape \(5,\)"),
-        (dict(weight=torch.ones(5, dtype=torch.long)), TypeError, "weight must be a floating-point"),
-        (dict(reduction="avg"), ValueError, "reduction must be one of"),
-        (dict(label_smoothing=1.5), ValueError, r"label_smoothing must be in \[0, 1\]"),
-        (dict(label_smoothing=-0.1), ValueError, r"label_smoothing must be in \[0, 1\]"),
-    ],
-)
-def test_bad_options_raise_clear_error(kw, error, match):
-    with pytest.raises(error, match=match):
-        fastsoftmax.cross_entropy(X, torch.tensor([0, 1, 2, 3]), **kw)
-
-
 @pytest.mark.parametrize("shape", [(5,), (6, 7), (3, 4, 18)], ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.25])
@@ -231,7 +193,7 @@ def test_weight_of_index_targets_is_not_differentiable_as_in_torch():
     x = randn(4, 6, dtype=torch.float64).requires_grad_()
     t = torch.randint(0, 6, (4,))
     w = torch.rand(6, dtype=torch.float64).requires_grad_()
-    with pytest.raises(RuntimeError, match="not differentiable with respect to weight"):
+    with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'weight'"):
         fastsoftmax.cross_entropy(x, t, weight=w)
     with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'weight'"):
         TF.cross_entropy(x, t, weight=w)

@@ -98,15 +98,7 @@ def test_implicit_dim_warns_and_matches_torch(op, ref):
 @pytest.mark.parametrize("op", [fastsoftmax.softmax, fastsoftmax.log_softmax], ids=OP_IDS)
 @pytest.mark.parametrize("shape,dim", [((300, 257), 1), ((6, 257, 50), 1)], ids=["rows", "middle"])
 def test_serial_and_parallel_kernels_agree(op, shape, dim, monkeypatch):
-    """The two twins of each kernel give the same outputs, to an ulp or two.
-
-    Not always bit for bit: Numba's on-disk cache of a ``parallel=True``
-    function holds machine code optimised apart from the code a fresh compile
-    runs (numba/numba#10617), and there the vectoriser may split the float32
-    sum of a row into other lanes. Measured: a freshly compiled parallel
-    softmax matched the serial one in every bit; loaded from the cache, 50
-    of 300 rows differed by an ulp.
-    """
+    """The two twins of each kernel give the same outputs, bit for bit (sums in one fixed order)."""
     x = randn(*shape, dtype=torch.float32).requires_grad_()
     g = randn(*shape, dtype=torch.float32)
     results = []
@@ -115,11 +107,8 @@ def test_serial_and_parallel_kernels_agree(op, shape, dim, monkeypatch):
         y = op(x, dim)
         results.append((y, *torch.autograd.grad(y, x, g)))
     (y_serial, dx_serial), (y_parallel, dx_parallel) = results
-    ulp = torch.finfo(torch.float32).eps
-    # log-probabilities near 0 are compared absolutely: an error there is a relative error of the probability
-    atol = 4 * ulp if op is fastsoftmax.log_softmax else 0.0
-    torch.testing.assert_close(y_parallel, y_serial, rtol=4 * ulp, atol=atol)
-    assert_close(dx_parallel, dx_serial)
+    assert torch.equal(y_parallel, y_serial)
+    assert torch.equal(dx_parallel, dx_serial)
 
 
 @pytest.mark.parametrize("op,ref", OPS, ids=OP_IDS)
@@ -142,23 +131,6 @@ def test_softmax_rows_sum_to_one_and_shift_invariant():
     y = fastsoftmax.softmax(x, 1)
     torch.testing.assert_close(y.double().sum(1), torch.ones(128, dtype=torch.float64), rtol=0, atol=1e-6)
     torch.testing.assert_close(fastsoftmax.softmax(x + 1000.0, 1), y, rtol=1e-4, atol=1e-7)
-
-
-@pytest.mark.parametrize(
-    "call,error,match",
-    [
-        (lambda: fastsoftmax.softmax(torch.arange(6).reshape(2, 3), 1), TypeError, "floating-point"),
-        (lambda: fastsoftmax.softmax(torch.ones(2, 3, dtype=torch.bool), 1), TypeError, "floating-point"),
-        (lambda: fastsoftmax.softmax(torch.ones(2, 3, dtype=torch.complex64), 1), TypeError, "floating-point"),
-        (lambda: fastsoftmax.softmax(torch.ones(2, 3), 2), IndexError, "dim 2 is out of range"),
-        (lambda: fastsoftmax.log_softmax(torch.ones(2, 3), -3), IndexError, "out of range"),
-        (lambda: fastsoftmax.softmax([1.0, 2.0], 0), TypeError, "torch.Tensor"),
-        (lambda: fastsoftmax.softmax(torch.ones(2, 3, device="meta"), 1), ValueError, "device"),
-    ],
-)
-def test_bad_input_raises_clear_error(call, error, match):
-    with pytest.raises(error, match=match):
-        call()
 
 
 def test_modules_match_torch_modules():

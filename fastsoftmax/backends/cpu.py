@@ -12,16 +12,20 @@ thread often runs slower than the other, the faster one then takes more
 rows instead of waiting for the slower one at the end.
 """
 
+import math
+
 import numba
 import numpy as np
 
 from ..errors import bad_target
-from ..kernels import config, cpu_middle, cpu_rows
+from ..kernels import config, cpu_common, cpu_middle, cpu_rows
 
 _NO_WEIGHT = {np.float32: np.empty(0, np.float32), np.float64: np.empty(0, np.float64)}
+_F64 = _NO_WEIGHT[np.float64]
 
 
 def _weight(weight, like: np.ndarray) -> np.ndarray:
+    """``weight``, or an empty array of ``like``'s dtype for none (the kernels take the two as one type)."""
     return _NO_WEIGHT[like.dtype.type] if weight is None else weight
 
 
@@ -59,15 +63,16 @@ def _launch(kernel, n_rows: int, n_cols: int, *args, workers: int | None = None,
 def _launch_forward(kernel, out, *args) -> None:
     """:func:`_launch` for a forward kernel, with its scratch rows (one per worker) before the queue.
 
-    When ``out`` is too large for the cache, the kernels build each row in
-    their worker's scratch row and stream it to ``out`` with non-temporal
-    stores (see :func:`kernels.cpu_rows._softmax_forward`); otherwise the scratch
-    has no columns and rows are built in place.
+    Each scratch row ends in a block of ``cpu_common.BLOCK`` elements. When
+    ``out`` is too large for the cache, the kernels build each row in the
+    part before it and stream it to ``out`` with non-temporal stores (see
+    :func:`kernels.cpu_rows._softmax_forward`); otherwise that part has no
+    columns and rows are built in place.
     """
     n_rows, n_cols = out.shape
     workers = _workers(n_rows, n_cols)
     stream = workers > 1 and out.nbytes >= config.CPU_STREAM_MIN_BYTES
-    scratch = np.empty((workers, n_cols if stream else 0), dtype=out.dtype)
+    scratch = np.empty((workers, (n_cols if stream else 0) + cpu_common.BLOCK), dtype=out.dtype)
     _launch(kernel, n_rows, n_cols, *args, scratch, workers=workers)
 
 
@@ -107,58 +112,59 @@ def softmax_backward_middle(y, dy, dx, log: bool) -> None:
     _launch_middle(cpu_middle.softmax_backward_middle, y, dy, dx, last=(log,))
 
 
-def _scale(denom: float, reduction: str) -> float:
-    """The factor the reduction puts on each row's gradient."""
+def scales(denom: float, count: int, reduction: str, z_loss: float) -> tuple:
+    """``(scale, z_scale)``: the factors the reduction puts on each row's cross-entropy gradient and on ``lse**2``.
+
+    A mean divides the cross-entropy by the total weight of the kept targets
+    (torch's rule) and the z-loss by their number (PaLM's, Liger's). When
+    that total is 0 torch's mean is 0/0, so its gradient is NaN: the scale
+    is NaN too.
+    """
     if reduction != "mean":
-        return 1.0
-    return 1.0 / denom if denom else 0.0
+        return 1.0, z_loss
+    return (1.0 / denom if denom else math.nan), (z_loss / count if count else 0.0)
 
 
-def _check_targets(targets: np.ndarray, n_classes: int, ignore_index: int, weight: np.ndarray) -> float:
-    """Raise for a class index out of range; return the mean's denominator (total kept weight)."""
+def check_targets(targets: np.ndarray, n_classes: int, ignore_index: int, weight) -> tuple:
+    """Raise IndexError for a class index out of range; return ``(total kept weight, kept count)``."""
     flat = targets.reshape(-1)
-    bad, denom, _ = cpu_rows.check_targets(flat, n_classes, ignore_index, weight)
+    bad, denom, count = cpu_rows.check_targets(flat, n_classes, ignore_index, _weight(weight, _F64))
     if bad >= 0:
         raise bad_target(int(flat[bad]), bad, n_classes, ignore_index)
-    return denom
+    return denom, count
 
 
-def cross_entropy_index(x, target, weight, ignore_index, eps, reduction, loss, grad) -> float:
-    """Checks the targets, runs the fused kernel, returns the mean's denominator (total kept weight)."""
-    w = _weight(weight, x)
-    denom = _check_targets(target, x.shape[1], ignore_index, w)
+def cross_entropy_index(x, target, weight, ignore_index, eps, scale, z_scale, loss, lse, grad) -> None:
+    """The fused kernel on rows ``x`` (R, C), targets already checked (:func:`check_targets`).
+
+    ``lse`` and ``grad`` may be empty (not wanted); ``grad`` may be ``x`` (in place).
+    """
     if x.shape[0]:
-        args = (x, target, w, ignore_index, eps, _scale(denom, reduction), loss, grad)
+        args = (x, target, _weight(weight, x), ignore_index, eps, scale, z_scale, loss, lse, grad)
         _launch_forward(cpu_rows.cross_entropy_index, x, *args)
-    return denom
 
 
-def cross_entropy_index_middle(x, target, weight, ignore_index, eps, reduction, loss, grad) -> float:
-    """:func:`cross_entropy_index` for logits ``(O, C, I)`` reduced over the middle axis, targets and loss ``(O, I)``."""
-    w = _weight(weight, x)
-    denom = _check_targets(target, x.shape[1], ignore_index, w)
+def cross_entropy_index_middle(x, target, weight, ignore_index, eps, scale, z_scale, loss, lse, grad) -> None:
+    """:func:`cross_entropy_index` for logits ``(O, C, I)`` reduced over the middle axis, targets, loss and lse ``(O, I)``."""
     if x.size:
-        args = (target, w, ignore_index, eps, _scale(denom, reduction), loss, grad)
-        _launch_middle(cpu_middle.cross_entropy_index_middle, x, *args, scratch_rows=5)
-    return denom
+        args = (target, _weight(weight, x), ignore_index, eps, scale, z_scale, loss, lse, grad)
+        _launch_middle(cpu_middle.cross_entropy_index_middle, x, *args, scratch_rows=6)
 
 
-def cross_entropy_prob(x, q, weight, eps, reduction, loss, grad) -> float:
-    denom = float(x.shape[0])
+def cross_entropy_prob(x, q, weight, eps, scale, z_scale, loss, lse, grad) -> None:
+    """Fused cross-entropy with class probabilities ``q`` (R, C); arguments as in :func:`cross_entropy_index`."""
     if x.shape[0]:
-        args = (x, q, _weight(weight, x), eps, _scale(denom, reduction), loss, grad)
+        args = (x, q, _weight(weight, x), eps, scale, z_scale, loss, lse, grad)
         _launch_forward(cpu_rows.cross_entropy_prob, x, *args)
-    return denom
 
 
-def cross_entropy_prob_middle(x, q, weight, eps, reduction, loss, grad) -> float:
-    """:func:`cross_entropy_prob` for logits and probabilities ``(O, C, I)`` reduced over the middle axis, loss ``(O, I)``."""
-    denom = float(loss.size)
+def cross_entropy_prob_middle(x, q, weight, eps, scale, z_scale, loss, lse, grad) -> None:
+    """:func:`cross_entropy_prob` for logits and probabilities ``(O, C, I)`` reduced over the middle axis."""
     if x.size:
-        args = (q, _weight(weight, x), eps, _scale(denom, reduction), loss, grad)
+        args = (q, _weight(weight, x), eps, scale, z_scale, loss, lse, grad)
         _launch_middle(cpu_middle.cross_entropy_prob_middle, x, *args, scratch_rows=3, total_rows=3)
-    return denom
 
 
 def scale_rows(src, factor, out) -> None:
+    """``out = src * factor[:, None]`` (``out`` may be ``src``)."""
     _launch(cpu_rows.scale_rows, *src.shape, src, factor, out)

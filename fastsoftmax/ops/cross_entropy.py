@@ -24,12 +24,15 @@ it.
   probability targets or weights that require grad themselves.
 """
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.library import custom_op
 
+from .. import validation
+from ..errors import bad_target
 from .layout import as_rows, device, empty_moved, rows_last, to_dtype
 from .softmax import log_softmax_op
 
@@ -57,65 +60,112 @@ def _grad_fake(input: Tensor, compute_grad: bool) -> Tensor:
     return empty_moved(input, 0 if input.ndim == 1 else 1, compute)
 
 
-def _reduce(loss_rows: Tensor, loss_shape, reduction: str, denom: float, squeeze: bool, dtype) -> Tensor:
-    """The per-element losses (float64) reduced as ``reduction`` asks, in ``dtype``."""
+def _reduce(loss: Tensor, lse, kept, z_loss: float, reduction: str, denom: float, count: int, dtype) -> Tensor:
+    """The per-element losses (float64, the loss's shape) plus the z-loss, reduced as ``reduction`` asks, in ``dtype``.
+
+    A mean divides the cross-entropy by ``denom`` (the kept targets' total
+    weight) and the z-loss by ``count`` (their number). torch's mean with a
+    zero total is 0/0 whatever else the sum holds: NaN.
+    """
+    if z_loss:
+        z = z_loss * lse.square()
+        if kept is not None:
+            z = torch.where(kept, z, 0.0)
     if reduction == "none":
-        loss = loss_rows.view(loss_shape)
-        if squeeze:
-            loss = loss.reshape(())
-    elif not loss_rows.is_cuda and (reduction == "sum" or denom != 0):
-        # in NumPy and Python floats: three torch ops cost more than the
-        # kernel on a (256, 10) batch
-        total = float(loss_rows.numpy().sum())
-        return torch.scalar_tensor(total if reduction == "sum" else total / denom, dtype=dtype)
+        return to_dtype(loss + z if z_loss else loss, dtype)
+    # in NumPy and Python floats: torch ops cost more than the kernel on a (256, 10) batch
+    total = float(loss.numpy().sum()) if loss.numel() else 0.0
+    z_total = float(z.sum()) if z_loss else 0.0
+    if reduction == "sum":
+        return torch.scalar_tensor(total + z_total, dtype=dtype)
+    mean = total / denom if denom else math.nan
+    if z_loss and count:
+        mean += z_total / count
+    return torch.scalar_tensor(mean, dtype=dtype)
+
+
+def _no_classes(input, target, ignore_index, reduction, label_smoothing, compute_grad, want_lse, prob):
+    """torch's results for logits with no classes (C = 0), where no kernel has anything to read."""
+    shape = _loss_shape(input, "none")
+    if not prob:
+        kept = target != ignore_index
+        if bool(kept.any()):
+            position = int(kept.reshape(-1).nonzero()[0, 0])
+            raise bad_target(int(target.reshape(-1)[position]), position, 0, ignore_index)
+    # torch: eps / C is inf, and inf * 0 makes every smoothed element NaN; probability targets sum to -0.0
+    fill = math.nan if (label_smoothing > 0 and not prob) else (-0.0 if prob else 0.0)
+    elements = torch.full(shape, fill, dtype=input.dtype, device=input.device)
+    if reduction == "none":
+        loss = elements
     elif reduction == "sum":
-        loss = loss_rows.sum()
+        loss = elements.sum() if elements.numel() else torch.tensor(fill if prob else 0.0, dtype=input.dtype)
     else:
-        loss = loss_rows.sum() / denom  # 0 / 0 = NaN when every target is ignored, as in torch
-    return to_dtype(loss, dtype)
+        loss = torch.tensor(math.nan, dtype=input.dtype, device=input.device)
+    grad = torch.zeros(input.shape if compute_grad else (0,), dtype=input.dtype, device=input.device)
+    lse = torch.full(shape if want_lse else (0,), -math.inf, dtype=input.dtype, device=input.device)
+    return loss, grad, lse
 
 
-def _forward_middle(dev, input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, middle, compute):
-    """:func:`forward` for ``(N, C, d1, ...)`` logits, reduced over C in place.
-
-    No copy of the logits (or of probability targets) into rows, and the
-    gradient comes back laid out like ``input``.
-    """
-    be, arr = dev.backend(), dev.array
-    n_outer, n_classes, n_inner = middle
-    x3 = to_dtype(input, compute).contiguous().view(middle)
-    w = arr(rows_last(weight, 0, compute)) if weight is not None else None
-    loss2 = dev.empty((n_outer, n_inner), torch.float64, input.device)
-    grad = dev.empty(input.shape if compute_grad else (0, n_classes), compute, input.device)
-    grad3 = grad.view(middle) if compute_grad else grad.view(0, n_classes, 1).expand(0, n_classes, n_inner)
-    if is_prob_target(input, target):
-        q3 = to_dtype(target, compute).contiguous().view(middle)
-        denom = be.cross_entropy_prob_middle(arr(x3), arr(q3), w, label_smoothing, reduction, arr(loss2), arr(grad3))
-        loss_shape = target.shape[:1] + target.shape[2:]
-    else:
-        t2 = to_dtype(target, torch.int64).contiguous().view(n_outer, n_inner)
-        args = (arr(x3), arr(t2), w, ignore_index, label_smoothing, reduction, arr(loss2), arr(grad3))
-        denom = be.cross_entropy_index_middle(*args)
-        loss_shape = target.shape
-    return _reduce(loss2.view(-1), loss_shape, reduction, denom, False, input.dtype), grad
-
-
-def forward(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad):
-    """Loss (reduced) and, if ``compute_grad``, d(loss)/d(input) for a unit grad_output.
-
-    Arguments are already validated by :func:`fastsoftmax.functional.cross_entropy`
-    except the target values, which the backend checks before its kernel runs.
-    The gradient is returned in the compute dtype (float32 for half inputs on
-    the CPU), laid out like ``input``.
-    """
+def _forward_cpu(input, target, weight, ignore_index, reduction, eps, z_loss, compute_grad, want_lse, inplace):
     dev = device(input)
     be, arr = dev.backend(), dev.array
     compute = dev.compute_dtype(input.dtype)
-    if input.ndim > 2:
-        middle = dev.middle_shape(input, 1)
-        if middle is not None:
-            args = (ignore_index, reduction, label_smoothing, compute_grad, middle, compute)
-            return _forward_middle(dev, input, target, weight, *args)
+    prob = is_prob_target(input, target)
+    loss_shape = _loss_shape(input, "none")
+    middle = dev.middle_shape(input, 1) if input.ndim > 2 else None
+    if middle is not None:
+        x = to_dtype(input, compute).contiguous().view(middle)
+        elements = (middle[0], middle[2])
+        q = to_dtype(target, compute).contiguous().view(middle) if prob else None
+        t = None if prob else to_dtype(target, torch.int64).contiguous().view(elements)
+    else:
+        rows = input.unsqueeze(0) if input.ndim == 1 else input
+        xr = rows_last(rows, 1, compute)
+        x = as_rows(xr)
+        elements = (x.shape[0],)
+        q = as_rows(rows_last(target.unsqueeze(0) if input.ndim == 1 else target, 1, compute)) if prob else None
+        t = None if prob else to_dtype(target.reshape(-1), torch.int64)
+    w = arr(rows_last(weight, 0, compute)) if weight is not None else None
+    if prob:
+        denom = count = math.prod(elements)
+    else:
+        denom, count = be.check_targets(arr(t), x.shape[1], ignore_index, w)
+    scale, z_scale = be.scales(denom, count, reduction, z_loss)
+    loss = dev.empty(elements, torch.float64, input.device)
+    lse = dev.empty(elements if (want_lse or z_loss) else (0,) * len(elements), torch.float64, input.device)
+    in_place = compute_grad and inplace and x.data_ptr() == input.data_ptr() and x.is_contiguous()
+    if not compute_grad:
+        grad = dev.empty((0,) + x.shape[1:], compute, input.device)
+    else:
+        grad = x if in_place else dev.empty(x.shape, compute, input.device)
+    if prob:
+        kernel = be.cross_entropy_prob_middle if middle is not None else be.cross_entropy_prob
+        kernel(arr(x), arr(q), w, eps, scale, z_scale, arr(loss), arr(lse), arr(grad))
+    else:
+        kernel = be.cross_entropy_index_middle if middle is not None else be.cross_entropy_index
+        kernel(arr(x), arr(t), w, ignore_index, eps, scale, z_scale, arr(loss), arr(lse), arr(grad))
+    kept = None if prob else (target != ignore_index).reshape(loss_shape)
+    lse_out = lse.view(loss_shape) if lse.numel() or not elements[0] else lse
+    total = _reduce(loss.view(loss_shape), lse_out, kept, z_loss, reduction, denom, count, input.dtype)
+    if compute_grad and middle is None:
+        if input.ndim > 2:
+            grad = grad.view(xr.shape).movedim(-1, 1)
+        elif input.ndim == 1:
+            grad = grad.squeeze(0)
+    if compute_grad and inplace and not in_place:
+        input.copy_(grad)  # a layout or dtype the kernels cannot write in place: one copy, still no new buffer kept
+        grad = input
+    elif compute_grad and middle is not None:
+        grad = grad.view(input.shape)
+    lse_ret = to_dtype(lse_out, compute) if want_lse else input.new_empty((0,), dtype=compute)
+    return total, grad, lse_ret
+
+
+def _forward_cuda(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad):
+    """The CUDA path: loss and the gradient for a unit grad_output, by the CUDA backend."""
+    dev = device(input)
+    be, arr = dev.backend(), dev.array
+    compute = dev.compute_dtype(input.dtype)
     squeeze = input.ndim == 1
     if squeeze:
         input, target = input.unsqueeze(0), target.unsqueeze(0)
@@ -135,12 +185,61 @@ def forward(input, target, weight, ignore_index, reduction, label_smoothing, com
         args = (arr(x2), arr(t), w, ignore_index, label_smoothing, reduction, arr(loss_rows), arr(grad))
         denom = be.cross_entropy_index(*args)
         loss_shape = target.shape
-    loss = _reduce(loss_rows, loss_shape, reduction, denom, squeeze, input.dtype)
+    if reduction == "none":
+        loss = loss_rows.view(loss_shape).reshape(() if squeeze else loss_shape)
+    elif reduction == "sum":
+        loss = loss_rows.sum()
+    else:
+        loss = loss_rows.sum() / denom  # 0 / 0 = NaN when every target is ignored, as in torch
     if compute_grad and input.ndim > 2:
         grad = grad.view(xr.shape).movedim(-1, 1)
     elif compute_grad and squeeze:
         grad = grad.squeeze(0)
-    return loss, grad
+    return to_dtype(loss, input.dtype), grad
+
+
+def forward(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, z_loss=0.0, want_lse=False, inplace=False):
+    """``(loss, grad, lse)``: the reduced loss, d(loss)/d(input) for a unit grad_output, the per-element log-sum-exp.
+
+    Arguments are validated by :mod:`fastsoftmax.validation` except the
+    class indices, which the backend checks before its kernel runs. ``grad``
+    is empty unless ``compute_grad``; in the compute dtype (float32 for half
+    inputs on the CPU), laid out like ``input``, and, with ``inplace``,
+    written into ``input`` itself. ``lse`` (the loss's unreduced shape) is
+    empty unless ``want_lse``. ``z_loss`` adds ``z_loss * lse**2`` per kept
+    element (a mean over their number).
+    """
+    prob = is_prob_target(input, target)
+    n_classes = input.shape[0 if input.ndim == 1 else 1]
+    if n_classes == 0:
+        return _no_classes(input, target, ignore_index, reduction, label_smoothing, compute_grad, want_lse, prob)
+    if not input.is_cuda:
+        return _forward_cpu(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, compute_grad, want_lse, inplace)
+    if z_loss or want_lse:
+        loss, grad, lse = _forward_torch_ops(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, z_loss, want_lse)
+    else:
+        loss, grad = _forward_cuda(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad)
+        lse = input.new_empty((0,))
+    if compute_grad and inplace:
+        input.copy_(grad)
+        grad = input
+    return loss, grad, lse
+
+
+def _forward_torch_ops(input, target, weight, ignore_index, reduction, eps, compute_grad, z_loss, want_lse):
+    """The loss, its gradient and the log-sum-exp in torch ops: the CUDA path for the z-loss and ``return_lse``.
+
+    The CUDA kernels return neither yet; this is exact, at the cost of torch's
+    extra passes and buffers.
+    """
+    with torch.enable_grad():
+        x = input.detach().requires_grad_(compute_grad)
+        loss = torch.nn.functional.cross_entropy(x, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=eps)
+        if z_loss:
+            loss = loss + z_term_graph(x, target, ignore_index, z_loss, reduction)
+        grad = torch.autograd.grad(loss, x, torch.ones_like(loss))[0] if compute_grad else input.new_empty((0,))
+    lse = lse_graph(input.detach()) if want_lse else input.new_empty((0,))
+    return loss.detach(), grad, lse
 
 
 def is_unit(grad_output: Tensor) -> bool:
@@ -148,12 +247,15 @@ def is_unit(grad_output: Tensor) -> bool:
     return grad_output.numel() == 1 and not grad_output.is_cuda and grad_output.item() == 1.0
 
 
-def backward(grad: Tensor, grad_output: Tensor, input_dtype: torch.dtype) -> Tensor:
-    """``grad * grad_output``, broadcast over the class dimension.
+def backward(grad: Tensor, grad_output: Tensor, input_dtype: torch.dtype, inplace: bool = False) -> Tensor:
+    """``grad * grad_output``, broadcast over the class dimension (``inplace``: into ``grad`` itself).
 
     ``grad`` is the forward's gradient for a unit grad_output; ``grad_output``
     is a scalar (mean, sum) or holds one value per loss element (none).
     """
+    if inplace:
+        factor = grad_output.to(grad.dtype)
+        return grad.mul_(factor.unsqueeze(0 if grad.ndim == 1 else 1) if factor.ndim else factor)
     if grad.ndim > 2 and grad.is_contiguous():
         # laid out like the input (the middle-axis kernel's gradient): moving
         # C last would copy, and torch's broadcast multiply is one pass
@@ -177,10 +279,28 @@ def backward(grad: Tensor, grad_output: Tensor, input_dtype: torch.dtype) -> Ten
     return to_dtype(out, input_dtype)
 
 
-def no_double_backward() -> None:
-    raise NotImplementedError(
-        "fastsoftmax: cross_entropy has no double backward (its forward keeps the gradient, not the input); "
-        "use torch.nn.functional.cross_entropy where create_graph=True is needed"
+def backward_graph(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, grad_output):
+    """The gradient in torch ops, from the input, so that it can be differentiated again.
+
+    Under ``create_graph=True`` (double backward) the backward recomputes the
+    loss with torch's own ops from the saved input, and returns its gradient
+    with the graph attached.
+    """
+    with torch.enable_grad():
+        x = input if input.requires_grad else input.detach().requires_grad_()
+        loss = torch.nn.functional.cross_entropy(
+            x, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+        )
+        if z_loss:
+            loss = loss + z_term_graph(x, target, ignore_index, z_loss, reduction)
+        (grad,) = torch.autograd.grad(loss, x, grad_output, create_graph=True)
+    return grad
+
+
+def _double_backward_needs_input() -> None:
+    raise RuntimeError(
+        "fastsoftmax: cross_entropy with inplace_backward=True overwrote its input with the gradient, "
+        "so it cannot be differentiated twice; drop inplace_backward for create_graph=True"
     )
 
 
@@ -195,19 +315,29 @@ def cross_entropy_op(
     ignore_index: int,
     reduction: str,
     label_smoothing: float,
+    z_loss: float,
     compute_grad: bool,
-) -> tuple[Tensor, Tensor]:
-    return forward(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad)
+    return_lse: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    reduction = validation.reduction_of(reduction)
+    _, ignore_index, eps = validation.check_cross_entropy(input, target, weight, ignore_index, label_smoothing)
+    loss, grad, lse = forward(input, target, weight, ignore_index, reduction, eps, compute_grad, z_loss, return_lse)
+    return loss, grad, lse
 
 
 @cross_entropy_op.register_fake
-def _(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad):
+def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, compute_grad, return_lse):
     loss = input.new_empty(_loss_shape(input, reduction))
-    return loss, _grad_fake(input, compute_grad)
+    compute = device(input).compute_dtype(input.dtype)
+    lse = input.new_empty(_loss_shape(input, "none") if return_lse else (0,), dtype=compute)
+    return loss, _grad_fake(input, compute_grad), lse
 
 
 @custom_op("fastsoftmax::cross_entropy_backward", mutates_args=(), device_types=("cpu", "cuda"))
 def cross_entropy_backward_op(grad: Tensor, grad_output: Tensor, input_dtype: torch.dtype) -> Tensor:
+    validation.check_tensor(grad, "grad", "cross_entropy_backward")
+    elements = grad.numel() // grad.shape[0 if grad.ndim == 1 else 1] if grad.ndim and grad.numel() else 0
+    validation.check_grad_output(grad, grad_output, elements, "cross_entropy_backward")
     return backward(grad, grad_output, input_dtype)
 
 
@@ -217,22 +347,26 @@ def _(grad, grad_output, input_dtype):
 
 
 def _setup_context(ctx, inputs, output):
-    input, *_, compute_grad = inputs
+    input, target, weight, ignore_index, reduction, label_smoothing, z_loss, compute_grad, _ = inputs
     ctx.input_dtype = input.dtype
     ctx.compute_grad = compute_grad
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(output[1])
+    ctx.args = (ignore_index, reduction, label_smoothing, z_loss)
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(output[1], input, target, weight)
 
 
-def _autograd_backward(ctx, grad_loss, _grad_of_grad):
+def _autograd_backward(ctx, grad_loss, _grad_of_grad, _grad_of_lse):
     if not ctx.compute_grad:
         raise RuntimeError(
             "fastsoftmax: cross_entropy was called with compute_grad=False, so it kept no gradient to propagate"
         )
+    grad, input, target, weight = ctx.saved_tensors
     if torch.is_grad_enabled():
-        no_double_backward()
-    (grad,) = ctx.saved_tensors
-    return cross_entropy_backward_op(grad, grad_loss, ctx.input_dtype), None, None, None, None, None, None
+        ignore_index, reduction, label_smoothing, z_loss = ctx.args
+        dx = backward_graph(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, grad_loss)
+    else:
+        dx = cross_entropy_backward_op(grad, grad_loss, ctx.input_dtype)
+    return dx, None, None, None, None, None, None, None, None
 
 
 cross_entropy_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -241,14 +375,19 @@ cross_entropy_op.register_autograd(_autograd_backward, setup_context=_setup_cont
 # --- the autograd Function ---------------------------------------------------------------
 
 
-class CrossEntropyFunction(torch.autograd.Function):
-    r"""Fused softmax cross-entropy (see :func:`fastsoftmax.cross_entropy`).
+class CrossEntropyCore(torch.autograd.Function):
+    r"""Fused softmax cross-entropy with arguments already checked: what :func:`fastsoftmax.cross_entropy` runs.
+
+    ``apply(input, target, weight, ignore_index, reduction, label_smoothing,
+    z_loss=0.0, return_lse=False, inplace_backward=False)`` returns the loss,
+    or ``(loss, lse)`` with ``return_lse`` (``lse`` takes no gradient).
 
     The forward computes the loss and, when the input requires grad, the
     gradient :math:`\partial L / \partial x = A p - a` (one-hot or
     probability targets, weights and label smoothing folded into ``a``) in
     the same pass over the logits; the backward only multiplies it by
-    grad_output.
+    grad_output. With ``inplace_backward`` the gradient is written into the
+    input's own memory (no new buffer), which the input then no longer holds.
 
     For a grad_output of exactly 1 (``loss.backward()`` on a reduced loss)
     the backward returns the saved gradient itself, no copy: unless the graph
@@ -257,27 +396,77 @@ class CrossEntropyFunction(torch.autograd.Function):
     instead of cloning it. With ``retain_graph=True`` it is cloned (correct,
     one copy slower).
 
-    There is no double backward: under ``create_graph=True`` the backward
-    raises ``NotImplementedError`` rather than return a gradient that silently
-    does not depend on the input.
+    Double backward (``create_graph=True``) recomputes the loss in torch ops
+    from the saved input (:func:`backward_graph`).
     """
 
     @staticmethod
-    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing):
+    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, z_loss=0.0, return_lse=False, inplace_backward=False):
         compute_grad = ctx.needs_input_grad[0]
-        loss, grad = forward(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad)
+        inplace = bool(inplace_backward) and compute_grad
+        saved_input = input if not inplace else None
+        loss, grad, lse = forward(
+            input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, z_loss, return_lse, inplace
+        )
+        if inplace:
+            # the input now holds the gradient: any other node that saved it must fail loudly, not read it
+            torch.autograd.graph.increment_version(input)
         ctx.input_dtype = input.dtype
-        ctx.save_for_backward(grad)
+        ctx.inplace = inplace
+        ctx.args = (ignore_index, reduction, label_smoothing, z_loss)
+        ctx.save_for_backward(grad, saved_input, target, weight)
+        if return_lse:
+            ctx.mark_non_differentiable(lse)
+            return loss, lse
         return loss
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, *_grad_of_lse):
+        grad, input, target, weight = ctx.saved_tensors
+        none = (None,) * 8
         if torch.is_grad_enabled():
-            no_double_backward()
-        (grad,) = ctx.saved_tensors
+            if ctx.inplace:
+                _double_backward_needs_input()
+            ignore_index, reduction, label_smoothing, z_loss = ctx.args
+            return (backward_graph(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, grad_output), *none)
         if grad.dtype == ctx.input_dtype and is_unit(grad_output):
-            return grad, None, None, None, None, None
-        return backward(grad, grad_output, ctx.input_dtype), None, None, None, None, None
+            return (grad, *none)
+        return (backward(grad, grad_output, ctx.input_dtype, inplace=ctx.inplace), *none)
+
+
+class CrossEntropyFunction(CrossEntropyCore):
+    """:class:`CrossEntropyCore` behind the checks of :func:`fastsoftmax.cross_entropy` (a public door).
+
+    ``CrossEntropyFunction.apply(input, target, weight, ignore_index, reduction,
+    label_smoothing, z_loss=0.0, return_lse=False, inplace_backward=False)``.
+    """
+
+    @staticmethod
+    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, z_loss=0.0, return_lse=False, inplace_backward=False):
+        reduction = validation.reduction_of(reduction)
+        prob, ignore_index, eps = validation.check_cross_entropy(input, target, weight, ignore_index, label_smoothing)
+        z = validation.as_float(z_loss, "z_loss", "cross_entropy", 7)
+        args = (ignore_index, reduction, eps, z, return_lse, inplace_backward)
+        return CrossEntropyCore.forward(ctx, input, target, weight, *args)
+
+
+def lse_graph(input: Tensor) -> Tensor:
+    """The per-element log-sum-exp in torch ops (over the class dimension)."""
+    return torch.logsumexp(input, 0 if input.ndim == 1 else 1)
+
+
+def z_term_graph(input, target, ignore_index, z_loss, reduction):
+    """``z_loss * lse**2`` over the kept elements, reduced, in torch ops (differentiable)."""
+    z = z_loss * lse_graph(input).square()
+    prob = is_prob_target(input, target)
+    if not prob:
+        z = torch.where(target != ignore_index, z, 0.0)
+    if reduction == "none":
+        return z
+    if reduction == "sum":
+        return z.sum()
+    n = z.numel() if prob else int((target != ignore_index).sum())
+    return z.sum() / n if n else z.sum() * 0
 
 
 def composite(input, target, weight, reduction, label_smoothing, log_softmax=None):

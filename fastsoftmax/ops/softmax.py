@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.library import custom_op
 
+from .. import validation
 from .layout import as_rows, device, rows_last, to_dtype
 
 
@@ -100,10 +101,19 @@ def _differentiable_backward(y: Tensor, dy: Tensor, dim: int, log: bool, kernel)
 # --- torch.library ops ----------------------------------------------------------------
 
 
+def _check(input: Tensor, dim, fn: str) -> int:
+    """The checks of every public door of these ops: a dense float tensor on a supported device, ``dim`` in range."""
+    validation.check_tensor(input, "input", fn)
+    validation.check_layout(input, fn)
+    validation.check_device(input)
+    validation.check_float_input(input, f"{fn}_lastdim_kernel_impl")
+    return validation.as_dim(dim, input.ndim, fn)
+
+
 def _register(name: str, log: bool):
     @custom_op(f"fastsoftmax::{name}", mutates_args=(), device_types=("cpu", "cuda"))
     def op(input: Tensor, dim: int) -> Tensor:
-        return forward(input, dim, log)
+        return forward(input, _check(input, dim, name), log)
 
     @op.register_fake
     def _(input, dim):
@@ -111,6 +121,7 @@ def _register(name: str, log: bool):
 
     @custom_op(f"fastsoftmax::{name}_backward", mutates_args=(), device_types=("cpu", "cuda"))
     def backward_op(output: Tensor, grad_output: Tensor, dim: int) -> Tensor:
+        dim = validation.check_softmax_backward(output, grad_output, dim, f"{name}_backward")
         return backward(output, grad_output, dim, log)
 
     @backward_op.register_fake
@@ -118,7 +129,7 @@ def _register(name: str, log: bool):
         return torch.empty(output.shape, dtype=output.dtype, device=output.device)
 
     def setup_context(ctx, inputs, output):
-        ctx.dim = inputs[1]
+        ctx.dim = inputs[1] % max(inputs[0].ndim, 1)
         ctx.save_for_backward(output)
 
     def autograd_backward(ctx, grad_output):
@@ -147,18 +158,13 @@ def _function_backward(ctx, grad_output, log):
     (y,) = ctx.saved_tensors
 
     def kernel(y, dy, dim):
-        return backward(y, dy, dim, log)
+        return backward(y, dy if dy.dtype == y.dtype else dy.to(y.dtype), dim, log)
 
     return _differentiable_backward(y, grad_output, ctx.dim, log, kernel), None
 
 
-class SoftmaxFunction(torch.autograd.Function):
-    r"""Softmax along ``dim``: :math:`y_j = e^{x_j - m} / \sum_k e^{x_k - m}`, :math:`m = \max_k x_k`.
-
-    Backward: :math:`\partial x = y \odot (\partial y - \langle \partial y, y \rangle)`,
-    by the kernel, or in torch ops under ``create_graph=True`` so that it can
-    be differentiated again.
-    """
+class SoftmaxCore(torch.autograd.Function):
+    """Softmax with ``dim`` already checked and in range: what :func:`fastsoftmax.softmax` runs."""
 
     @staticmethod
     def forward(ctx, input, dim):
@@ -169,12 +175,8 @@ class SoftmaxFunction(torch.autograd.Function):
         return _function_backward(ctx, grad_output, log=False)
 
 
-class LogSoftmaxFunction(torch.autograd.Function):
-    r"""Log-softmax along ``dim``: :math:`y_j = (x_j - m) - \log \sum_k e^{x_k - m}`.
-
-    Backward: :math:`\partial x = \partial y - e^{y} \sum_k \partial y_k` (double
-    backward as in :class:`SoftmaxFunction`).
-    """
+class LogSoftmaxCore(torch.autograd.Function):
+    """Log-softmax with ``dim`` already checked and in range: what :func:`fastsoftmax.log_softmax` runs."""
 
     @staticmethod
     def forward(ctx, input, dim):
@@ -183,3 +185,32 @@ class LogSoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         return _function_backward(ctx, grad_output, log=True)
+
+
+class SoftmaxFunction(SoftmaxCore):
+    r"""Softmax along ``dim``: :math:`y_j = e^{x_j - m} / \sum_k e^{x_k - m}`, :math:`m = \max_k x_k`.
+
+    ``SoftmaxFunction.apply(input, dim)`` checks its arguments as
+    :func:`fastsoftmax.softmax` does. Backward:
+    :math:`\partial x = y \odot (\partial y - \langle \partial y, y \rangle)`,
+    by the kernel, or in torch ops under ``create_graph=True`` so that it can
+    be differentiated again.
+    """
+
+    @staticmethod
+    def forward(ctx, input, dim):
+        return _function_forward(ctx, input, _check(input, dim, "softmax"), log=False)
+
+
+class LogSoftmaxFunction(LogSoftmaxCore):
+    r"""Log-softmax along ``dim``: :math:`y_j = (x_j - m) - \log \sum_k e^{x_k - m}`.
+
+    ``LogSoftmaxFunction.apply(input, dim)`` checks its arguments as
+    :func:`fastsoftmax.log_softmax` does. Backward:
+    :math:`\partial x = \partial y - e^{y} \sum_k \partial y_k` (double
+    backward as in :class:`SoftmaxFunction`).
+    """
+
+    @staticmethod
+    def forward(ctx, input, dim):
+        return _function_forward(ctx, input, _check(input, dim, "log_softmax"), log=True)

@@ -1,0 +1,312 @@
+"""Drop-in parity: the same call to torch and to fastsoftmax gives the same result or the same kind of error.
+
+Each case is a function of the module under test (``torch.nn.functional`` or
+``fastsoftmax``). When torch raises, ours must raise an instance of torch's
+exception class (ours may be a subclass, e.g. ``ShapeError(ValueError,
+RuntimeError)``); otherwise the results must match in shape, dtype and value,
+NaN where torch's is NaN, and so must the gradients.
+"""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as TF
+from helpers import assert_close, randn
+
+import fastsoftmax
+from fastsoftmax import errors
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _x(*shape, dtype=torch.float32, seed=0):
+    return randn(*shape, dtype=dtype, seed=seed)
+
+
+def _bad_rows():
+    """Rows torch's log-softmax makes NaN (NaN, +inf, only -inf) between ordinary ones."""
+    return torch.tensor([[1.0, 2.0, 3.0], [NAN, 0.0, 1.0], [INF, 0.0, 1.0], [-INF, -INF, -INF], [0.5, 0.2, 0.1]])
+
+
+T4 = torch.tensor([0, 1, 2, 3])
+
+# name -> call(F), F the functional module under test
+ERROR_CASES = {
+    # cross-entropy: targets
+    "target out of range": lambda F: F.cross_entropy(_x(4, 5), torch.tensor([0, 1, 2, 5])),
+    "negative target": lambda F: F.cross_entropy(_x(4, 5), torch.tensor([0, -1, 2, 3])),
+    "target shorter than the batch": lambda F: F.cross_entropy(_x(4, 5), torch.tensor([0, 1, 2])),
+    "target longer than the batch": lambda F: F.cross_entropy(_x(4, 5), torch.tensor([0, 1, 2, 3, 4])),
+    "target 2-D for 2-D input": lambda F: F.cross_entropy(_x(4, 5), T4.reshape(4, 1)),
+    "target int32": lambda F: F.cross_entropy(_x(4, 5), T4.int()),
+    "target bool": lambda F: F.cross_entropy(_x(4, 5), torch.tensor([True, False, True, True])),
+    "target float, wrong shape": lambda F: F.cross_entropy(_x(4, 5), torch.rand(4)),
+    "probabilities of another shape": lambda F: F.cross_entropy(_x(4, 5), torch.rand(4, 6)),
+    "integer probabilities": lambda F: F.cross_entropy(_x(4, 5), torch.zeros(4, 5, dtype=torch.long)),
+    "uint8 target with K-dim input": lambda F: F.cross_entropy(_x(3, 4, 2), torch.zeros(3, 2, dtype=torch.uint8)),
+    "K-dim target of wrong size": lambda F: F.cross_entropy(_x(4, 5, 2), torch.zeros(4, 3, dtype=torch.long)),
+    "K-dim target of wrong batch": lambda F: F.cross_entropy(_x(4, 5, 2), torch.zeros(3, 2, dtype=torch.long)),
+    "1-D input, target of 2": lambda F: F.cross_entropy(_x(5), torch.tensor([1, 2])),
+    "0-d input": lambda F: F.cross_entropy(torch.tensor(1.0), torch.tensor(0)),
+    "0-d float input and target": lambda F: F.cross_entropy(torch.tensor(1.0), torch.tensor(0.0)),
+    "(1, 5) input, 0-d target": lambda F: F.cross_entropy(_x(1, 5), torch.tensor(1)),
+    "no classes, a kept target": lambda F: F.cross_entropy(torch.empty(4, 0), torch.zeros(4, dtype=torch.long)),
+    # cross-entropy: input
+    "integer logits": lambda F: F.cross_entropy(_x(4, 5).long(), T4),
+    "boolean logits": lambda F: F.cross_entropy(_x(4, 5) > 0, T4),
+    "sparse logits": lambda F: F.cross_entropy(_x(4, 5).to_sparse(), T4),
+    # cross-entropy: weight
+    "weight of length 1": lambda F: F.cross_entropy(_x(4, 5), T4, weight=torch.ones(1)),
+    "weight (C, 1)": lambda F: F.cross_entropy(_x(4, 5), T4, weight=torch.ones(5, 1)),
+    "weight float64 with float32 logits": lambda F: F.cross_entropy(_x(4, 5), T4, weight=torch.ones(5, dtype=torch.float64)),
+    "weight float32 with bfloat16 logits": lambda F: F.cross_entropy(_x(4, 5).bfloat16(), T4, weight=torch.ones(5)),
+    "weight int64": lambda F: F.cross_entropy(_x(4, 5), T4, weight=torch.ones(5, dtype=torch.long)),
+    "weight a list": lambda F: F.cross_entropy(_x(4, 5), T4, weight=[1.0] * 5),
+    "weight on meta": lambda F: F.cross_entropy(_x(4, 5), T4, weight=torch.ones(5, device="meta")),
+    "weight of probabilities, wrong length": lambda F: F.cross_entropy(_x(4, 5), torch.rand(4, 5), weight=torch.ones(3)),
+    # cross-entropy: options
+    "reduction avg": lambda F: F.cross_entropy(_x(4, 5), T4, reduction="avg"),
+    "reduction None": lambda F: F.cross_entropy(_x(4, 5), T4, reduction=None),
+    "label_smoothing 1.5": lambda F: F.cross_entropy(_x(4, 5), T4, label_smoothing=1.5),
+    "label_smoothing inf": lambda F: F.cross_entropy(_x(4, 5), T4, label_smoothing=INF),
+    "label_smoothing a 1-d tensor": lambda F: F.cross_entropy(_x(4, 5), T4, label_smoothing=torch.tensor([0.1])),
+    "label_smoothing None": lambda F: F.cross_entropy(_x(4, 5), T4, label_smoothing=None),
+    "ignore_index 1.5": lambda F: F.cross_entropy(_x(4, 5), T4, ignore_index=1.5),
+    "ignore_index True": lambda F: F.cross_entropy(_x(4, 5), T4, ignore_index=True),
+    "ignore_index 2**63": lambda F: F.cross_entropy(_x(4, 5), T4, ignore_index=2**63),
+    "ignore_index a float tensor": lambda F: F.cross_entropy(_x(4, 5), T4, ignore_index=torch.tensor(1.5)),
+    "ignore_index with probabilities": lambda F: F.cross_entropy(_x(4, 5), torch.rand(4, 5), ignore_index=0),
+    "target on meta": lambda F: F.cross_entropy(_x(4, 5), T4.to("meta")),
+    "target a list": lambda F: F.cross_entropy(_x(4, 5), [0, 1, 2, 3]),
+    # softmax family
+    "softmax of integers": lambda F: F.softmax(torch.arange(6).reshape(2, 3), 1),
+    "softmax of booleans": lambda F: F.softmax(torch.ones(2, 3, dtype=torch.bool), 1),
+    "softmax of complex": lambda F: F.softmax(torch.ones(2, 3, dtype=torch.complex64), 1),
+    "log_softmax of integers": lambda F: F.log_softmax(torch.arange(6).reshape(2, 3), 0),
+    "softmin of booleans": lambda F: F.softmin(torch.ones(2, 3, dtype=torch.bool), 1),
+    "softmax dim 2 of 2-D": lambda F: F.softmax(_x(2, 3), 2),
+    "log_softmax dim -3 of 2-D": lambda F: F.log_softmax(_x(2, 3), -3),
+    "softmax dim 1 of 0-d": lambda F: F.softmax(torch.tensor(1.0), 1),
+    "softmax dim a float": lambda F: F.softmax(_x(2, 3), 1.0),
+    "softmax dim a bool": lambda F: F.softmax(_x(2, 3), True),
+    "softmax dim a string": lambda F: F.softmax(_x(2, 3), "x"),
+    "softmax dim a 1-d tensor": lambda F: F.softmax(_x(2, 3), torch.tensor([1])),
+    "softmax dtype a string": lambda F: F.softmax(_x(2, 3), 1, dtype="float64"),
+    "softmax of a list": lambda F: F.softmax([1.0, 2.0], 0),
+    "softmax of sparse COO": lambda F: F.softmax(_x(2, 3).to_sparse(), 1),
+    "softmax of sparse CSR": lambda F: F.softmax(_x(2, 3).to_sparse_csr(), 1),
+    "softmax to a complex dtype": lambda F: F.softmax(_x(2, 3), 1, dtype=torch.complex64),
+}
+
+
+@pytest.mark.parametrize("name", list(ERROR_CASES))
+def test_same_exception_class_as_torch(name):
+    call = ERROR_CASES[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(Exception) as theirs:
+            call(TF)
+        with pytest.raises(Exception) as ours:
+            call(fastsoftmax)
+    assert isinstance(ours.value, type(theirs.value)), f"torch raised {type(theirs.value).__mro__}, we {type(ours.value).__mro__}"
+    # our own check, naming the problem; or torch's own op, which we call (softmin negates with torch)
+    assert str(ours.value).startswith("fastsoftmax:") or str(ours.value) == str(theirs.value)
+
+
+def test_errors_are_precise_types_and_runtime_errors():
+    """``except RuntimeError`` written against torch catches ours; the precise type is there too."""
+    with pytest.raises(errors.ShapeError) as info:
+        fastsoftmax.cross_entropy(_x(4, 5), T4, weight=torch.ones(1))
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value, ValueError)
+    with pytest.raises(errors.DTypeError) as info:
+        fastsoftmax.cross_entropy(_x(4, 5), T4.int())
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value, TypeError)
+    with pytest.raises(NotImplementedError, match="not implemented for 'Long'"):
+        fastsoftmax.softmax(torch.arange(3), 0)
+    with pytest.raises(IndexError, match="Target 5 is out of bounds"):
+        fastsoftmax.cross_entropy(_x(4, 5), torch.tensor([0, 1, 2, 5]))
+    with pytest.raises(ValueError, match=r"Expected input batch_size \(4\) to match target batch_size \(3\)"):
+        fastsoftmax.cross_entropy(_x(4, 5), torch.tensor([0, 1, 2]))
+
+
+# name -> (call(F) -> tensor or tuple, inputs to differentiate or None)
+def _ce(x, t, **kw):
+    return lambda F: F.cross_entropy(x, t, **kw)
+
+
+_BAD = _bad_rows()
+_T_IGN = torch.tensor([0, -100, -100, -100, 1])
+_W = torch.tensor([1.0, 2.0, 3.0])
+VALUE_CASES = {
+    "ignored non-finite rows, mean": (_BAD, _T_IGN, dict()),
+    "ignored non-finite rows, none": (_BAD, _T_IGN, dict(reduction="none")),
+    "ignored non-finite rows, sum, weight, smoothing": (_BAD, _T_IGN, dict(reduction="sum", weight=_W, label_smoothing=0.1)),
+    "kept non-finite rows": (_BAD, torch.tensor([0, 1, 1, 1, 1]), dict(reduction="none")),
+    "zero kept weight, mean": (_x(3, 4), torch.tensor([0, 0, 0]), dict(weight=torch.tensor([0.0, 1, 1, 1]))),
+    "zero kept weight, mean, smoothing": (_x(3, 4), torch.tensor([0, 0, 0]), dict(weight=torch.tensor([0.0, 1, 1, 1]), label_smoothing=0.1)),
+    "zero kept weight, one ignored": (_x(3, 4), torch.tensor([0, -100, 0]), dict(weight=torch.tensor([0.0, 1, 1, 1]))),
+    "all ignored, mean": (_x(3, 4), torch.tensor([-100] * 3), dict(label_smoothing=0.1)),
+    "all ignored, sum": (_x(3, 4), torch.tensor([-100] * 3), dict(reduction="sum")),
+    "masked logit, target elsewhere": (torch.tensor([[-INF, 0.0, 1.0]]), torch.tensor([2]), dict(reduction="none")),
+    "masked target logit": (torch.tensor([[-INF, 0.0, 1.0]]), torch.tensor([0]), dict(reduction="none")),
+    "masked logit, smoothing": (torch.tensor([[-INF, 0.0, 1.0]]), torch.tensor([2]), dict(label_smoothing=0.1)),
+    "label_smoothing -0.1 is none": (_x(4, 5), T4, dict(label_smoothing=-0.1)),
+    "label_smoothing NaN is none": (_x(4, 5), T4, dict(label_smoothing=NAN)),
+    "label_smoothing 1": (_x(4, 5), T4, dict(label_smoothing=1)),
+    "label_smoothing a 0-d tensor": (_x(4, 5), T4, dict(label_smoothing=torch.tensor(0.1))),
+    "ignore_index a 0-d tensor": (_x(4, 5), T4, dict(ignore_index=torch.tensor(1))),
+    "ignore_index a NumPy int": (_x(4, 5), T4, dict(ignore_index=np.int64(2))),
+    "ignore_index beyond the classes": (_x(4, 5), torch.tensor([0, 7, 2, 7]), dict(ignore_index=7)),
+    "negative ignore_index with probabilities": (_x(4, 5), torch.softmax(_x(4, 5, seed=1), 1), dict(ignore_index=-1)),
+    "uint8 targets": (_x(3, 4), torch.tensor([0, 3, 1], dtype=torch.uint8), dict()),
+    "uint8 ignore_index 255": (_x(3, 4), torch.tensor([0, 255, 1], dtype=torch.uint8), dict(ignore_index=255)),
+    "1-D input, (1,) target": (_x(5), torch.tensor([3]), dict(reduction="none")),
+    "1-D input, ignored 0-d target": (_x(5), torch.tensor(-100), dict()),
+    # the loss takes the promoted dtype, as torch's; torch computes it at the logits' precision, we at the promoted
+    "probabilities float64, logits float32": (_x(4, 5), torch.softmax(_x(4, 5, dtype=torch.float64, seed=2), 1), dict(), torch.float32),
+    "probabilities float32, logits bfloat16": (
+        _x(4, 5).bfloat16(),
+        torch.softmax(_x(4, 5, seed=2), 1),
+        dict(reduction="none"),
+        torch.bfloat16,
+    ),
+    "probabilities, integer weight": (_x(4, 5), torch.softmax(_x(4, 5, seed=2), 1), dict(weight=torch.arange(5))),
+    "(0, 0) input, none": (torch.empty(0, 0), torch.empty(0, dtype=torch.long), dict(reduction="none")),
+    "(0, 0) input, mean": (torch.empty(0, 0), torch.empty(0, dtype=torch.long), dict()),
+    "(3, 0) all ignored, sum": (torch.empty(3, 0), torch.full((3,), -100), dict(reduction="sum")),
+    "(3, 0) all ignored, smoothing": (torch.empty(3, 0), torch.full((3,), -100), dict(reduction="none", label_smoothing=0.1)),
+    "(3, 0) probabilities, none": (torch.empty(3, 0), torch.empty(3, 0), dict(reduction="none")),
+    "(3, 0) probabilities, mean": (torch.empty(3, 0), torch.empty(3, 0), dict()),
+    "(0, 5) input, sum": (torch.empty(0, 5), torch.empty(0, dtype=torch.long), dict(reduction="sum", weight=torch.ones(5))),
+    "(2, 5, 0) input": (torch.empty(2, 5, 0), torch.empty(2, 0, dtype=torch.long), dict(reduction="none")),
+    "K-dim ignored NaN position": (
+        torch.tensor([[[0.1, NAN, -INF], [0.2, 1.0, -INF], [0.3, 2.0, -INF]]]),
+        torch.tensor([[0, -100, -100]]),
+        dict(reduction="none"),
+    ),
+    "elementwise_mean": (_x(4, 5), T4, dict(reduction="elementwise_mean")),
+    "legacy size_average=False": (_x(4, 5), T4, dict(size_average=False, reduction="bogus")),
+}
+
+
+def _compare(ours, theirs, precision=None):
+    """Same type, shape, dtype, NaN placement, and values within the tolerance of ``precision`` (the result's dtype)."""
+    assert type(ours) is type(theirs)
+    if isinstance(theirs, torch.Tensor):
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+        if not theirs.is_floating_point():
+            assert torch.equal(ours, theirs)
+            return
+        assert torch.equal(torch.isnan(ours), torch.isnan(theirs))
+        assert_close(ours, theirs, dtype=precision or theirs.dtype)
+    else:
+        for a, b in zip(ours, theirs):
+            _compare(a, b)
+
+
+@pytest.mark.parametrize("name", list(VALUE_CASES))
+def test_same_values_and_nan_placement_as_torch(name):
+    x, t, kw, *precision = VALUE_CASES[name]
+    precision = precision[0] if precision else None
+    results = []
+    for F in (TF, fastsoftmax):
+        xx = x.detach().clone().requires_grad_(x.numel() > 0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loss = F.cross_entropy(xx, t, **kw)
+        grad = None
+        if xx.requires_grad:
+            try:
+                (grad,) = torch.autograd.grad(loss, xx, torch.ones_like(loss))
+            except RuntimeError:
+                assert F is TF, "our backward raised"  # torch's backward of a (5,) input with a (1,) target does
+        results.append((loss, grad))
+    (loss, grad), (ref, ref_grad) = results[1], results[0]
+    _compare(loss.detach(), ref.detach(), precision)
+    if ref_grad is not None:
+        _compare(grad, ref_grad, precision)
+
+
+SOFTMAX_VALUE_CASES = {
+    "integers with dtype=float64": lambda F: F.softmax(torch.arange(6).reshape(2, 3), 1, dtype=torch.float64),
+    "booleans with dtype=float32": lambda F: F.log_softmax(torch.tensor([[True, False]]), 1, dtype=torch.float32),
+    "uint8 softmin wraps around": lambda F: F.softmin(torch.tensor([1, 0, 2], dtype=torch.uint8), 0, dtype=torch.float32),
+    "empty integers pass through": lambda F: F.softmax(torch.ones(0, 3, dtype=torch.long), 1),
+    "dim a 0-d tensor": lambda F: F.softmax(_x(2, 3), torch.tensor(1)),
+    "dim a NumPy int": lambda F: F.log_softmax(_x(2, 3), np.int64(0)),
+    "0-d input": lambda F: F.log_softmax(torch.tensor(2.0), -1),
+    "(0, 5) input": lambda F: F.softmax(torch.empty(0, 5), 1),
+    "(5, 0) input": lambda F: F.softmax(torch.empty(5, 0), 0),
+    "half input to float32": lambda F: F.softmax(_x(3, 7).half(), 1, dtype=torch.float32),
+    "NaN rows": lambda F: F.softmax(_bad_rows(), 1),
+    "softmin NaN rows": lambda F: F.softmin(_bad_rows(), 1),
+    "log_softmax overflow of x - max": lambda F: F.log_softmax(torch.tensor([[-3.4e38, 3.4e38, 0.0]]), 1),
+}
+
+
+@pytest.mark.parametrize("name", list(SOFTMAX_VALUE_CASES))
+def test_softmax_family_values_as_torch(name):
+    call = SOFTMAX_VALUE_CASES[name]
+    _compare(call(fastsoftmax), call(TF))
+
+
+@pytest.mark.parametrize("op", ["softmax", "log_softmax", "softmin"])
+def test_softmax_gradient_nan_rows_as_torch(op):
+    grads = []
+    for F in (TF, fastsoftmax):
+        x = _bad_rows().requires_grad_()
+        y = getattr(F, op)(x, 1)
+        (g,) = torch.autograd.grad(y, x, torch.ones_like(y))
+        grads.append(g)
+    _compare(grads[1], grads[0])
+
+
+def test_softmin_and_softmax2d_modules_match_torch():
+    x = _x(2, 3, 4, 5, dtype=torch.float64)
+    for ours, theirs in ((fastsoftmax.nn.Softmin(1), torch.nn.Softmin(1)), (fastsoftmax.nn.Softmax2d(), torch.nn.Softmax2d())):
+        assert repr(ours) == repr(theirs)
+        assert_close(ours(x), theirs(x))
+        assert_close(ours(x[0]), theirs(x[0]))
+    with pytest.raises(ValueError, match="Softmax2d: expected input to be 3D or 4D, got 2D instead"):
+        fastsoftmax.nn.Softmax2d()(x[0, 0])
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_meta_tensors_give_meta_results_of_torch_shapes(reduction, kind):
+    x = torch.empty(4, 5, 3, device="meta", requires_grad=True)
+    t = torch.empty(4, 3, dtype=torch.long, device="meta") if kind == "index" else torch.empty(4, 5, 3, device="meta")
+    for F in (TF, fastsoftmax):
+        loss = F.cross_entropy(x, t, reduction=reduction)
+        assert loss.device.type == "meta"
+        results = (loss.shape, loss.dtype)
+        if F is TF:
+            expected = results
+    assert results == expected
+    y = fastsoftmax.log_softmax(x, 1)
+    assert y.device.type == "meta" and y.shape == x.shape
+
+
+def test_dim_none_chooses_and_warns_as_torch():
+    for rank in range(5):
+        x = _x(*([2] * rank))
+        with pytest.warns(UserWarning, match="Implicit dimension choice for softmax"):
+            ours = fastsoftmax.softmax(x)
+        with pytest.warns(UserWarning):
+            theirs = TF.softmax(x)
+        assert_close(ours, theirs)
+
+
+def test_nn_modules_keep_torch_construction():
+    ours = fastsoftmax.nn.CrossEntropyLoss(reduction="bogus", label_smoothing=2.0, ignore_index=1.5)  # torch checks at call
+    assert ours.reduction == "bogus"
+    with pytest.raises(ValueError, match="not a valid value for reduction"):
+        ours(_x(4, 5), T4)
+    assert fastsoftmax.nn.CrossEntropyLoss(size_average=False).reduction == "sum"
+    assert math.isclose(
+        float(fastsoftmax.nn.CrossEntropyLoss(z_loss=0.5)(_x(4, 5), T4)),
+        float(fastsoftmax.cross_entropy(_x(4, 5), T4, z_loss=0.5)),
+    )
