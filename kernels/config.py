@@ -56,6 +56,11 @@ CPU_MIDDLE_BLOCK_BYTES = 2 << 20
 #: fits the last-level cache, where the next op will look for it.
 CPU_STREAM_MIN_BYTES = 32 << 20
 
+#: Half-precision tensors on the CPU go through the float32 kernels in
+#: chunks of rows of about this many float32 bytes, converted on the way in
+#: and out, so that no whole float32 copy of the input or output is made.
+CPU_HALF_CHUNK_BYTES = 32 << 20
+
 #: Outputs of at least this many bytes come from the buffer pool
 #: (:mod:`fastsoftmax._pool`); smaller ones from ``torch.empty``.
 POOL_MIN_BYTES = 1 << 20

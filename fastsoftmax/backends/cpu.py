@@ -12,7 +12,10 @@ thread often runs slower than the other, the faster one then takes more
 rows instead of waiting for the slower one at the end.
 """
 
+import contextlib
 import math
+import os
+import threading
 
 import numba
 import numpy as np
@@ -29,9 +32,46 @@ def _weight(weight, like: np.ndarray) -> np.ndarray:
     return _NO_WEIGHT[like.dtype.type] if weight is None else weight
 
 
+class _Threads:
+    """Whether the parallel twins may run here, and the lock that serialises them where Numba needs it.
+
+    * In a child forked from a process that has run a parallel kernel, GNU
+      OpenMP's thread pool is gone and using it aborts the process ("fork()
+      called from a process already using GNU OpenMP"); torch drops to one
+      thread there, and so do we: the child runs the serial twins, which
+      compute the same bits (the sums have one fixed order).
+    * Numba's ``workqueue`` layer (no OpenMP, no TBB installed) is not
+      thread-safe: two Python threads launching parallel kernels at once
+      abort the process. Under it, parallel launches take a lock.
+    """
+
+    parallel = True
+    lock = None
+    _init = threading.Lock()
+
+    @classmethod
+    def after_fork_in_child(cls):
+        cls.parallel = False
+
+    @classmethod
+    def launch_lock(cls):
+        if cls.lock is None:
+            with cls._init:
+                if cls.lock is None:
+                    from numba.np.ufunc import parallel as numba_parallel
+
+                    numba_parallel._launch_threads()  # picks the layer, as a first parallel launch would
+                    layer = numba.threading_layer()
+                    cls.lock = threading.Lock() if layer == "workqueue" else contextlib.nullcontext()
+        return cls.lock
+
+
+os.register_at_fork(after_in_child=_Threads.after_fork_in_child)
+
+
 def _workers(n_rows: int, n_cols: int) -> int:
     """How many threads work on an ``(n_rows, n_cols)`` input: 1 (the serial twin) below :data:`config.CPU_PARALLEL_MIN_ELEMENTS`."""
-    if n_rows * n_cols < config.CPU_PARALLEL_MIN_ELEMENTS:
+    if n_rows * n_cols < config.CPU_PARALLEL_MIN_ELEMENTS or not _Threads.parallel:
         return 1
     return max(1, min(n_rows, numba.get_num_threads()))
 
@@ -52,12 +92,13 @@ def _launch(kernel, n_rows: int, n_cols: int, *args, workers: int | None = None,
     queue = _queue(n_rows, n_cols, workers)
     if workers == 1:
         return kernel[False](*args, queue, *last)
-    # one loop iteration per chunk, so that no thread runs two workers
-    previous = numba.set_parallel_chunksize(1)
-    try:
-        kernel[True](*args, queue, *last)
-    finally:
-        numba.set_parallel_chunksize(previous)
+    with _Threads.launch_lock():
+        # one loop iteration per chunk, so that no thread runs two workers
+        previous = numba.set_parallel_chunksize(1)
+        try:
+            kernel[True](*args, queue, *last)
+        finally:
+            numba.set_parallel_chunksize(previous)
 
 
 def _launch_forward(kernel, out, *args) -> None:

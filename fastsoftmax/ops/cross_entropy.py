@@ -19,9 +19,10 @@ it.
   kernels and back.
 * ``torch.ops.fastsoftmax.cross_entropy(...) -> (Tensor loss, Tensor grad)``
   and ``fastsoftmax::cross_entropy_backward``, what ``torch.compile`` sees.
-* :class:`CrossEntropyFunction`, the same as a ``torch.autograd.Function``.
-* :func:`composite`: the loss in our log-softmax and torch ops, for
-  probability targets or weights that require grad themselves.
+* :class:`CrossEntropyFunction`, the same as a ``torch.autograd.Function``
+  (:class:`CrossEntropyCore` without the argument checks).
+* The loss in torch's ops where the kernel does not fit (double backward,
+  targets or weights that require grad): :mod:`.cross_entropy_graph`.
 """
 
 import math
@@ -33,13 +34,16 @@ from torch.library import custom_op
 
 from .. import validation
 from ..errors import bad_target
+from ..kernels import config
 from .layout import as_rows, device, empty_moved, rows_last, to_dtype
-from .softmax import log_softmax_op
-
-
-def is_prob_target(input: Tensor, target: Tensor) -> bool:
-    """PyTorch's rule: a target of the input's shape holds class probabilities."""
-    return input.shape == target.shape
+from .cross_entropy_graph import (  # noqa: F401  (composite, lse_graph, z_term_graph: for functional)
+    backward_graph,
+    composite,
+    forward_torch_ops,
+    is_prob_target,
+    lse_graph,
+    z_term_graph,
+)
 
 
 def _loss_shape(input: Tensor, reduction: str) -> list:
@@ -107,23 +111,31 @@ def _no_classes(input, target, ignore_index, reduction, label_smoothing, compute
 
 
 def _forward_cpu(input, target, weight, ignore_index, reduction, eps, z_loss, compute_grad, want_lse, inplace):
+    """:func:`forward` on the CPU: the logits as rows ``(R, C)`` or, for ``(N, C, d1, ...)``, as ``(O, C, I)``.
+
+    Half-precision logits go through the float32 kernels in chunks of rows
+    (see :func:`.softmax.run_chunked`), each chunk's gradient computed in
+    place in its float32 copy and stored in the input's dtype: the peak is
+    the input, the gradient and one chunk.
+    """
     dev = device(input)
     be, arr = dev.backend(), dev.array
-    compute = dev.compute_dtype(input.dtype)
+    dtype = input.dtype
+    compute = dev.compute_dtype(dtype)
     prob = is_prob_target(input, target)
     loss_shape = _loss_shape(input, "none")
     middle = dev.middle_shape(input, 1) if input.ndim > 2 else None
     if middle is not None:
-        x = to_dtype(input, compute).contiguous().view(middle)
+        x = input.contiguous().view(middle)
         elements = (middle[0], middle[2])
-        q = to_dtype(target, compute).contiguous().view(middle) if prob else None
+        q = target.contiguous().view(middle) if prob else None
         t = None if prob else to_dtype(target, torch.int64).contiguous().view(elements)
     else:
         rows = input.unsqueeze(0) if input.ndim == 1 else input
-        xr = rows_last(rows, 1, compute)
+        xr = rows_last(rows, 1, dtype)
         x = as_rows(xr)
         elements = (x.shape[0],)
-        q = as_rows(rows_last(target.unsqueeze(0) if input.ndim == 1 else target, 1, compute)) if prob else None
+        q = as_rows(rows_last(target.unsqueeze(0) if input.ndim == 1 else target, 1, target.dtype)) if prob else None
         t = None if prob else to_dtype(target.reshape(-1), torch.int64)
     w = arr(rows_last(weight, 0, compute)) if weight is not None else None
     if prob:
@@ -136,24 +148,38 @@ def _forward_cpu(input, target, weight, ignore_index, reduction, eps, z_loss, co
     in_place = compute_grad and inplace and x.data_ptr() == input.data_ptr() and x.is_contiguous()
     if not compute_grad:
         grad = dev.empty((0,) + x.shape[1:], compute, input.device)
+    elif in_place:
+        grad = x
     else:
-        grad = x if in_place else dev.empty(x.shape, compute, input.device)
-    if prob:
-        kernel = be.cross_entropy_prob_middle if middle is not None else be.cross_entropy_prob
-        kernel(arr(x), arr(q), w, eps, scale, z_scale, arr(loss), arr(lse), arr(grad))
-    else:
-        kernel = be.cross_entropy_index_middle if middle is not None else be.cross_entropy_index
-        kernel(arr(x), arr(t), w, ignore_index, eps, scale, z_scale, arr(loss), arr(lse), arr(grad))
+        grad = dev.empty(x.shape, compute, input.device) if compute == dtype else torch.empty(x.shape, dtype=dtype)
+    kernel = (be.cross_entropy_prob_middle if middle is not None else be.cross_entropy_prob) if prob else (
+        be.cross_entropy_index_middle if middle is not None else be.cross_entropy_index
+    )
+    n0 = x.shape[0]
+    step = max(1, n0) if compute == dtype else max(1, config.CPU_HALF_CHUNK_BYTES // max(1, math.prod(x.shape[1:]) * 4))
+    for start in range(0, n0, step):
+        part = slice(start, start + step)
+        xc = x[part] if compute == dtype else x[part].to(compute).contiguous()
+        # a converted chunk is a private copy: its gradient is built in place in it
+        gc = grad[part] if (compute == dtype or not compute_grad) else xc
+        targets = arr(q[part].to(compute).contiguous()) if prob else arr(t[part])
+        lc = lse[part] if lse.numel() else lse
+        if prob:
+            kernel(arr(xc), targets, w, eps, scale, z_scale, arr(loss[part]), arr(lc), arr(gc))
+        else:
+            kernel(arr(xc), targets, w, ignore_index, eps, scale, z_scale, arr(loss[part]), arr(lc), arr(gc))
+        if compute_grad and gc is xc:
+            grad[part] = gc
     kept = None if prob else (target != ignore_index).reshape(loss_shape)
     lse_out = lse.view(loss_shape) if lse.numel() or not elements[0] else lse
-    total = _reduce(loss.view(loss_shape), lse_out, kept, z_loss, reduction, denom, count, input.dtype)
+    total = _reduce(loss.view(loss_shape), lse_out, kept, z_loss, reduction, denom, count, dtype)
     if compute_grad and middle is None:
         if input.ndim > 2:
             grad = grad.view(xr.shape).movedim(-1, 1)
         elif input.ndim == 1:
             grad = grad.squeeze(0)
     if compute_grad and inplace and not in_place:
-        input.copy_(grad)  # a layout or dtype the kernels cannot write in place: one copy, still no new buffer kept
+        input.copy_(grad)  # a layout the kernels cannot write in place: one copy, still no new buffer kept
         grad = input
     elif compute_grad and middle is not None:
         grad = grad.view(input.shape)
@@ -216,7 +242,7 @@ def forward(input, target, weight, ignore_index, reduction, label_smoothing, com
     if not input.is_cuda:
         return _forward_cpu(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, compute_grad, want_lse, inplace)
     if z_loss or want_lse:
-        loss, grad, lse = _forward_torch_ops(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, z_loss, want_lse)
+        loss, grad, lse = forward_torch_ops(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, z_loss, want_lse)
     else:
         loss, grad = _forward_cuda(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad)
         lse = input.new_empty((0,))
@@ -224,22 +250,6 @@ def forward(input, target, weight, ignore_index, reduction, label_smoothing, com
         input.copy_(grad)
         grad = input
     return loss, grad, lse
-
-
-def _forward_torch_ops(input, target, weight, ignore_index, reduction, eps, compute_grad, z_loss, want_lse):
-    """The loss, its gradient and the log-sum-exp in torch ops: the CUDA path for the z-loss and ``return_lse``.
-
-    The CUDA kernels return neither yet; this is exact, at the cost of torch's
-    extra passes and buffers.
-    """
-    with torch.enable_grad():
-        x = input.detach().requires_grad_(compute_grad)
-        loss = torch.nn.functional.cross_entropy(x, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=eps)
-        if z_loss:
-            loss = loss + z_term_graph(x, target, ignore_index, z_loss, reduction)
-        grad = torch.autograd.grad(loss, x, torch.ones_like(loss))[0] if compute_grad else input.new_empty((0,))
-    lse = lse_graph(input.detach()) if want_lse else input.new_empty((0,))
-    return loss.detach(), grad, lse
 
 
 def is_unit(grad_output: Tensor) -> bool:
@@ -256,11 +266,13 @@ def backward(grad: Tensor, grad_output: Tensor, input_dtype: torch.dtype, inplac
     if inplace:
         factor = grad_output.to(grad.dtype)
         return grad.mul_(factor.unsqueeze(0 if grad.ndim == 1 else 1) if factor.ndim else factor)
-    if grad.ndim > 2 and grad.is_contiguous():
+    if (grad.ndim > 2 and grad.is_contiguous()) or grad.dtype not in (torch.float32, torch.float64) or grad.is_cuda:
         # laid out like the input (the middle-axis kernel's gradient): moving
-        # C last would copy, and torch's broadcast multiply is one pass
-        factor = grad_output.to(grad.dtype)
-        return to_dtype(grad * (factor.unsqueeze(1) if factor.ndim else factor), input_dtype)
+        # C last would copy, and torch's broadcast multiply is one pass; also
+        # the half-precision gradients, which no CPU kernel takes
+        factor = grad_output.to(torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else grad.dtype)
+        factor = factor.reshape(factor.shape[:1] + (1,) + factor.shape[1:]) if factor.ndim and grad.ndim > 1 else factor
+        return to_dtype(grad * factor, input_dtype)
     dev = device(grad)
     squeeze = grad.ndim == 1
     gr = grad.unsqueeze(0) if squeeze else grad.movedim(1, -1)
@@ -277,24 +289,6 @@ def backward(grad: Tensor, grad_output: Tensor, input_dtype: torch.dtype, inplac
             dev.backend().scale_rows(dev.array(g2), dev.array(factor), dev.array(o2))
     out = out.squeeze(0) if squeeze else out.movedim(-1, 1)
     return to_dtype(out, input_dtype)
-
-
-def backward_graph(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, grad_output):
-    """The gradient in torch ops, from the input, so that it can be differentiated again.
-
-    Under ``create_graph=True`` (double backward) the backward recomputes the
-    loss with torch's own ops from the saved input, and returns its gradient
-    with the graph attached.
-    """
-    with torch.enable_grad():
-        x = input if input.requires_grad else input.detach().requires_grad_()
-        loss = torch.nn.functional.cross_entropy(
-            x, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
-        )
-        if z_loss:
-            loss = loss + z_term_graph(x, target, ignore_index, z_loss, reduction)
-        (grad,) = torch.autograd.grad(loss, x, grad_output, create_graph=True)
-    return grad
 
 
 def _double_backward_needs_input() -> None:
@@ -450,43 +444,3 @@ class CrossEntropyFunction(CrossEntropyCore):
         return CrossEntropyCore.forward(ctx, input, target, weight, *args)
 
 
-def lse_graph(input: Tensor) -> Tensor:
-    """The per-element log-sum-exp in torch ops (over the class dimension)."""
-    return torch.logsumexp(input, 0 if input.ndim == 1 else 1)
-
-
-def z_term_graph(input, target, ignore_index, z_loss, reduction):
-    """``z_loss * lse**2`` over the kept elements, reduced, in torch ops (differentiable)."""
-    z = z_loss * lse_graph(input).square()
-    prob = is_prob_target(input, target)
-    if not prob:
-        z = torch.where(target != ignore_index, z, 0.0)
-    if reduction == "none":
-        return z
-    if reduction == "sum":
-        return z.sum()
-    n = z.numel() if prob else int((target != ignore_index).sum())
-    return z.sum() / n if n else z.sum() * 0
-
-
-def composite(input, target, weight, reduction, label_smoothing, log_softmax=None):
-    r"""Cross-entropy with probability targets (or weights) that require grad.
-
-    The fused kernel returns no gradient for ``target`` or ``weight``, so here
-    the loss is composed of our log-softmax and torch ops, as torch composes
-    it, and autograd differentiates all three:
-    :math:`\ell = -\sum_c w_c q'_c \log p_c`, :math:`\partial \ell / \partial q_c = -(1 - \varepsilon) w_c \log p_c`.
-    """
-    class_dim = 0 if input.ndim == 1 else 1
-    n_classes = input.shape[class_dim]
-    logp = (log_softmax or log_softmax_op)(input, class_dim)
-    q = target if label_smoothing == 0.0 else target * (1 - label_smoothing) + label_smoothing / n_classes
-    terms = logp * q
-    if weight is not None:
-        terms = terms * weight.view([n_classes] + [1] * (input.ndim - class_dim - 1))
-    loss = -terms.sum(class_dim)
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / (input.numel() // n_classes)  # 0 / 0 = NaN for an empty batch, as in torch

@@ -22,12 +22,45 @@ and the gradients from the output :math:`y`:
   mode.
 """
 
+import math
+
 import torch
 from torch import Tensor
 from torch.library import custom_op
 
 from .. import validation
+from ..kernels import config
 from .layout import as_rows, device, rows_last, to_dtype
+
+
+def run_chunked(dev, kernel, inputs, dtype, *extra):
+    """``kernel(*arrays of inputs, array of the output, *extra)`` on tensors in the kernels' layout; returns the output.
+
+    The output has the first input's shape and ``dtype`` (the storage dtype).
+    Where the kernels compute in another dtype (float16 and bfloat16 on the
+    CPU), whole tensors in float32 would take 5 times the input's memory
+    (a float32 copy, a float32 output, the half output). Instead the rows
+    (the first dimension) go through in chunks of about
+    ``config.CPU_HALF_CHUNK_BYTES``, converted on the way in and out: the
+    peak is the input, the output and two chunks.
+    """
+    compute = dev.compute_dtype(dtype)
+    shape = inputs[0].shape
+    if compute == dtype:
+        out = dev.empty(shape, compute, inputs[0].device)
+        if out.numel():
+            kernel(*(dev.array(t) for t in inputs), dev.array(out), *extra)
+        return out
+    out = torch.empty(shape, dtype=dtype, device=inputs[0].device)
+    row_bytes = max(1, math.prod(shape[1:]) * torch.finfo(compute).bits // 8)
+    step = max(1, config.CPU_HALF_CHUNK_BYTES // row_bytes)
+    for start in range(0, shape[0], step):
+        chunk = [t[start : start + step].to(compute).contiguous() for t in inputs]
+        result = dev.empty(chunk[0].shape, compute, out.device)
+        if result.numel():
+            kernel(*(dev.array(t) for t in chunk), dev.array(result), *extra)
+        out[start : start + step] = result
+    return out
 
 
 def forward(x: Tensor, dim: int, log: bool) -> Tensor:
@@ -39,21 +72,15 @@ def forward(x: Tensor, dim: int, log: bool) -> Tensor:
         return forward(x.reshape(1), 0, log).reshape(())
     dev = device(x)
     be = dev.backend()
-    compute = dev.compute_dtype(x.dtype)
     middle = dev.middle_shape(x, dim)
     if middle is not None:
-        xc = to_dtype(x, compute).contiguous()
-        y = dev.empty(x.shape, compute, x.device)
-        if x.numel():
-            be.softmax_forward_middle(dev.array(xc.view(middle)), dev.array(y.view(middle)), log)
-        return to_dtype(y, x.dtype)
-    xr = rows_last(x, dim, compute)
-    y = dev.empty(xr.shape, compute, x.device)
-    if xr.numel():
-        be.softmax_forward(dev.array(as_rows(xr)), dev.array(as_rows(y)), log)
+        y = run_chunked(dev, be.softmax_forward_middle, [x.contiguous().view(middle)], x.dtype, log)
+        return y.view(x.shape)
+    xr = rows_last(x, dim, x.dtype)
+    y = run_chunked(dev, be.softmax_forward, [as_rows(xr)], x.dtype, log).view(xr.shape)
     if dim != x.ndim - 1:
         y = y.movedim(-1, dim).contiguous()
-    return to_dtype(y, x.dtype)
+    return y
 
 
 def backward(y: Tensor, dy: Tensor, dim: int, log: bool) -> Tensor:
@@ -62,22 +89,16 @@ def backward(y: Tensor, dy: Tensor, dim: int, log: bool) -> Tensor:
         return backward(y.reshape(1), dy.reshape(1), 0, log).reshape(())
     dev = device(y)
     be = dev.backend()
-    compute = dev.compute_dtype(y.dtype)
     middle = dev.middle_shape(y, dim)
     if middle is not None:
-        yc, dyc = (to_dtype(t, compute).contiguous() for t in (y, dy))
-        dx = dev.empty(y.shape, compute, y.device)
-        if y.numel():
-            be.softmax_backward_middle(*(dev.array(t.view(middle)) for t in (yc, dyc, dx)), log)
-        return to_dtype(dx, y.dtype)
-    yr = rows_last(y, dim, compute)
-    dyr = rows_last(dy, dim, compute)
-    dx = dev.empty(yr.shape, compute, y.device)
-    if yr.numel():
-        be.softmax_backward(*(dev.array(as_rows(t)) for t in (yr, dyr, dx)), log)
+        inputs = [t.contiguous().view(middle) for t in (y, to_dtype(dy, y.dtype))]
+        return run_chunked(dev, be.softmax_backward_middle, inputs, y.dtype, log).view(y.shape)
+    yr = rows_last(y, dim, y.dtype)
+    dyr = rows_last(dy, dim, y.dtype)
+    dx = run_chunked(dev, be.softmax_backward, [as_rows(yr), as_rows(dyr)], y.dtype, log).view(yr.shape)
     if dim != y.ndim - 1:
         dx = dx.movedim(-1, dim).contiguous()
-    return to_dtype(dx, y.dtype)
+    return dx
 
 
 def backward_graph(y: Tensor, dy: Tensor, dim: int, log: bool) -> Tensor:
