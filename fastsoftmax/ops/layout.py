@@ -112,7 +112,7 @@ def rows_last(x: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """The ``(R, C)`` view of a contiguous tensor whose last dim is the reduced one."""
-    return x if x.ndim == 2 else x.view(-1, x.shape[-1])
+    return x if x.ndim == 2 else x.view(math.prod(x.shape[:-1]), x.shape[-1])  # -1 is ambiguous for 0 columns
 
 
 def to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
