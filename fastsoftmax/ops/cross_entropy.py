@@ -173,16 +173,18 @@ def _forward_cpu(input, target, weight, ignore_index, reduction, eps, z_loss, co
     kept = None if prob else (target != ignore_index).reshape(loss_shape)
     lse_out = lse.view(loss_shape) if lse.numel() or not elements[0] else lse
     total = _reduce(loss.view(loss_shape), lse_out, kept, z_loss, reduction, denom, count, dtype)
-    if compute_grad and middle is None:
+    if in_place:
+        grad = input  # the kernel wrote through a view of it; the tensor itself, not a view, goes to autograd
+    elif compute_grad and middle is None:
         if input.ndim > 2:
             grad = grad.view(xr.shape).movedim(-1, 1)
         elif input.ndim == 1:
             grad = grad.squeeze(0)
+    elif compute_grad:
+        grad = grad.view(input.shape)
     if compute_grad and inplace and not in_place:
         input.copy_(grad)  # a layout the kernels cannot write in place: one copy, still no new buffer kept
         grad = input
-    elif compute_grad and middle is not None:
-        grad = grad.view(input.shape)
     lse_ret = to_dtype(lse_out, compute) if want_lse else input.new_empty((0,), dtype=compute)
     return total, grad, lse_ret
 
