@@ -29,7 +29,33 @@ __all__ = ["softmax", "log_softmax", "softmin", "cross_entropy", "CrossEntropyOu
 _KERNEL_NAMES = {False: "softmax", True: "log_softmax"}
 
 
+_PLAIN_DTYPES = (torch.float32, torch.float64)
+_PLAIN_REDUCTIONS = frozenset(validation.REDUCTIONS)
+
+
+def _plain_softmax(input, dim, dtype) -> bool:
+    """Whether a call is the common case that needs no conversion: a dense CPU float32/64 tensor, an int ``dim`` in range.
+
+    Every argument check of the full path would pass for it, so it skips them
+    (on rows of a few classes the checks cost more than the kernel).
+    """
+    return (
+        dtype is None
+        and type(input) is torch.Tensor
+        and type(dim) is int
+        and input.dtype in _PLAIN_DTYPES
+        and input.is_cpu
+        and input.layout is torch.strided
+        and -input.ndim <= dim < input.ndim
+    )
+
+
 def _softmax(input, dim, stacklevel, dtype, log: bool, name: str):
+    if _plain_softmax(input, dim, dtype) and not torch.compiler.is_compiling():
+        dim %= input.ndim
+        if input.requires_grad and torch.is_grad_enabled():
+            return (softmax_op.LogSoftmaxCore if log else softmax_op.SoftmaxCore).apply(input, dim)
+        return softmax_op.forward(input, dim, log)
     validation.check_tensor(input, "input", name)
     validation.check_layout(input, name)
     validation.check_device(input)
@@ -160,6 +186,18 @@ def cross_entropy(
         ValueError, TypeError, RuntimeError subclasses of :mod:`fastsoftmax.errors`:
             wrong shape, dtype, device, reduction or smoothing, as torch raises them.
     """
+    if (
+        weight is None
+        and size_average is None
+        and reduce is None
+        and not (z_loss or return_lse or return_z_loss or inplace_backward)
+        and softcap is None
+        and _plain_cross_entropy(input, target, ignore_index, reduction, label_smoothing)
+        and not torch.compiler.is_compiling()
+    ):
+        if input.requires_grad and torch.is_grad_enabled():
+            return ce_op.CrossEntropyCore.apply(input, target, None, ignore_index, reduction, label_smoothing)
+        return ce_op.forward(input, target, None, ignore_index, reduction, label_smoothing, False)[0]
     reduction = validation.reduction_of(reduction, size_average, reduce)
     prob, ignore_index, eps = validation.check_cross_entropy(input, target, weight, ignore_index, label_smoothing)
     z = validation.as_float(z_loss, "z_loss", "cross_entropy", 9)
@@ -192,6 +230,34 @@ def cross_entropy(
         return loss
     z_value = _z_value(lse, target, ignore_index, prob, z, reduction, dtype) if return_z_loss else None
     return CrossEntropyOutput(loss, z_value, lse if return_lse else None)
+
+
+def _plain_cross_entropy(input, target, ignore_index, reduction, label_smoothing) -> bool:
+    """Whether a call is the common case: CPU float32/64 logits ``(N, C)``, int64 targets ``(N,)``, plain options.
+
+    Every check of :func:`validation.check_cross_entropy` would pass for it
+    (at the book's 256 x 10 the checks cost as much as the kernel).
+    """
+    return (
+        type(input) is torch.Tensor
+        and type(target) is torch.Tensor
+        and input.ndim == 2
+        and target.ndim == 1
+        and input.dtype in _PLAIN_DTYPES
+        and target.dtype is torch.int64
+        and input.is_cpu
+        and target.is_cpu
+        and input.layout is torch.strided
+        and target.layout is torch.strided
+        and target.shape[0] == input.shape[0]
+        and input.shape[1] > 0
+        and type(ignore_index) is int
+        and -(2**63) <= ignore_index < 2**63
+        and type(label_smoothing) is float
+        and 0.0 <= label_smoothing <= 1.0
+        and type(reduction) is str
+        and reduction in _PLAIN_REDUCTIONS
+    )
 
 
 def _cross_entropy_op_path(input, target, weight, ignore_index, reduction, eps, z, want_lse, composite):

@@ -110,6 +110,27 @@ def _no_classes(input, target, ignore_index, reduction, label_smoothing, compute
     return loss, grad, lse
 
 
+def _chunked(kernel, x, targets, w, prob, ignore_index, eps, scale, z_scale, loss, lse, grad, compute_grad, compute):
+    """The fused kernel over half-precision logits, in chunks of rows converted to ``compute`` on the way.
+
+    Each chunk's gradient is built in place in its float32 copy, then stored
+    in the logits' dtype (see :func:`.softmax.run_chunked`).
+    """
+    arr = device(x).array
+    step = max(1, config.CPU_HALF_CHUNK_BYTES // max(1, math.prod(x.shape[1:]) * 4))
+    for start in range(0, x.shape[0], step):
+        part = slice(start, start + step)
+        xc = x[part].to(compute).contiguous()
+        gc = xc if compute_grad else grad[part]
+        lc = lse[part] if lse.numel() else lse
+        if prob:
+            kernel(arr(xc), arr(targets[part].to(compute).contiguous()), w, eps, scale, z_scale, arr(loss[part]), arr(lc), arr(gc))
+        else:
+            kernel(arr(xc), arr(targets[part]), w, ignore_index, eps, scale, z_scale, arr(loss[part]), arr(lc), arr(gc))
+        if compute_grad:
+            grad[part] = gc
+
+
 def _forward_cpu(input, target, weight, ignore_index, reduction, eps, z_loss, compute_grad, want_lse, inplace):
     """:func:`forward` on the CPU: the logits as rows ``(R, C)`` or, for ``(N, C, d1, ...)``, as ``(O, C, I)``.
 
@@ -155,22 +176,15 @@ def _forward_cpu(input, target, weight, ignore_index, reduction, eps, z_loss, co
     kernel = (be.cross_entropy_prob_middle if middle is not None else be.cross_entropy_prob) if prob else (
         be.cross_entropy_index_middle if middle is not None else be.cross_entropy_index
     )
-    n0 = x.shape[0]
-    step = max(1, n0) if compute == dtype else max(1, config.CPU_HALF_CHUNK_BYTES // max(1, math.prod(x.shape[1:]) * 4))
-    for start in range(0, n0, step):
-        part = slice(start, start + step)
-        xc = x[part] if compute == dtype else x[part].to(compute).contiguous()
-        # a converted chunk is a private copy: its gradient is built in place in it
-        gc = grad[part] if (compute == dtype or not compute_grad) else xc
-        targets = arr(q[part].to(compute).contiguous()) if prob else arr(t[part])
-        lc = lse[part] if lse.numel() else lse
+    if compute == dtype:
+        targets = arr(to_dtype(q, compute).contiguous()) if prob else arr(t)
         if prob:
-            kernel(arr(xc), targets, w, eps, scale, z_scale, arr(loss[part]), arr(lc), arr(gc))
+            kernel(arr(x), targets, w, eps, scale, z_scale, arr(loss), arr(lse), arr(grad))
         else:
-            kernel(arr(xc), targets, w, ignore_index, eps, scale, z_scale, arr(loss[part]), arr(lc), arr(gc))
-        if compute_grad and gc is xc:
-            grad[part] = gc
-    kept = None if prob else (target != ignore_index).reshape(loss_shape)
+            kernel(arr(x), targets, w, ignore_index, eps, scale, z_scale, arr(loss), arr(lse), arr(grad))
+    else:
+        _chunked(kernel, x, q if prob else t, w, prob, ignore_index, eps, scale, z_scale, loss, lse, grad, compute_grad, compute)
+    kept = None if (prob or not z_loss) else (target != ignore_index).reshape(loss_shape)
     lse_out = lse.view(loss_shape) if lse.numel() or not elements[0] else lse
     total = _reduce(loss.view(loss_shape), lse_out, kept, z_loss, reduction, denom, count, dtype)
     if in_place:
