@@ -1,4 +1,4 @@
-"""CUDA: PTX compilation and the simulator run everywhere; the rest needs a GPU.
+"""CUDA: the simulator runs everywhere; the rest needs a GPU.
 
 ``pytest -k cuda`` selects every test here.
 """
@@ -17,34 +17,21 @@ import fastsoftmax
 
 HERE = Path(__file__).parent
 
-try:  # numba-cuda (the dev extra brings it, with NVVM for compile_ptx)
+try:  # numba-cuda (the dev extra brings it, with NVVM and nvJitLink for the offline gates)
     from numba import cuda as numba_cuda
-
-    from fastsoftmax.kernels import cuda as kernels
-
-    SIGNATURES = kernels.ptx_signatures()
 except ImportError:  # pragma: no cover
     numba_cuda = None
-    SIGNATURES = []
 
 needs_numba_cuda = pytest.mark.skipif(numba_cuda is None, reason="numba-cuda is not installed")
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
 @needs_numba_cuda
-@pytest.mark.parametrize("cc", [(8, 0), (9, 0)], ids=["sm_80", "sm_90"])
-@pytest.mark.parametrize("name,pyfunc,signature", SIGNATURES, ids=[s[0] for s in SIGNATURES])
-def test_cuda_kernel_compiles_to_ptx(name, pyfunc, signature, cc):
-    ptx, _ = numba_cuda.compile_ptx(pyfunc, signature, cc=cc)
-    assert f".target sm_{cc[0]}{cc[1]}" in ptx
-    assert ".entry" in ptx
-
-
-@needs_numba_cuda
-def test_cuda_simulator_runs_every_launch_shape_against_float64():
+def test_cuda_simulator_runs_every_kernel_against_float64():
+    """Every launch shape, aligned and unaligned rows, every dtype (bfloat16 too), the shuffle reductions."""
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
     proc = subprocess.run(
-        [sys.executable, str(HERE / "cuda_sim_driver.py")], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, str(HERE / "cuda_sim_driver.py")], env=env, capture_output=True, text=True, timeout=600, cwd=HERE
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "all simulator checks passed" in proc.stdout
