@@ -111,6 +111,13 @@ def _state_ops(dtype: str):
     return warp_merge, block_merge
 
 
+@device
+def clear_last_row(saved, n_rows):
+    """Zero the row after the statistics: :func:`finish` puts the mean's denominator there, and an op's outputs are never left unwritten."""
+    for k in range(SAVED_COLUMNS):
+        saved[n_rows, k] = 0
+
+
 def _name(op: str, dtype: str, shape: str) -> str:
     return f"{op}_{SHORT[dtype]}_{shape}"
 
@@ -222,6 +229,8 @@ def forward_index(dtype: str, shape: str):
             saved[r, 0] = m
             saved[r, 1] = s
             saved[r, 2] = big_a
+            if r == 0:
+                clear_last_row(saved, n_rows)
 
     name = _name("ce_fwd", dtype, shape)
     mat, acc_vec = cd.storage[:, ::1], acc[::1]
@@ -390,6 +399,8 @@ def forward_prob(dtype: str, shape: str):
             saved[r, 0] = m
             saved[r, 1] = s
             saved[r, 2] = a
+            if r == 0:
+                clear_last_row(saved, n_rows)
 
     name = _name("ce_prob_fwd", dtype, shape)
     mat, acc_vec = cd.storage[:, ::1], acc[::1]
@@ -471,8 +482,9 @@ def finish(dtype: str):
     ``out[0]`` = the sum of ``loss`` (:data:`SUM`) or the mean (:data:`MEAN`):
     divided by the number of rows (``by_rows``: probability targets) or by
     the total weight of the kept targets, which it also writes to
-    ``saved[R, 0]`` for the backward. Rows are summed in a fixed order, so
-    the result does not vary from run to run.
+    ``saved[R, 0]`` for the backward (0 there otherwise; :data:`NONE`
+    writes only that row). Rows are summed in a fixed order, so the result
+    does not vary from run to run.
     """
     cd, rd = codec(dtype), reducers(dtype)
     acc, put = cd.acc, cd.put
@@ -495,13 +507,12 @@ def finish(dtype: str):
         if mode == MEAN:
             kept = acc(n_rows) if by_rows else block_sum(kept, sm)
         if tid == 0:
+            saved[n_rows, 0] = kept if mode == MEAN else zero
+            saved[n_rows, 1] = zero
+            saved[n_rows, 2] = zero
             if mode == MEAN:
-                saved[n_rows, 0] = kept
-                if kept != zero or by_rows:
-                    put(out, 0, total / kept)
-                else:
-                    put(out, 0, nan)
-            else:
+                put(out, 0, total / kept if kept != zero or by_rows else nan)
+            elif mode == SUM:
                 put(out, 0, total)
 
     name = f"ce_finish_{SHORT[dtype]}"

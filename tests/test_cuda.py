@@ -27,11 +27,13 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA de
 
 
 @needs_numba_cuda
-def test_cuda_simulator_runs_every_kernel_against_float64():
-    """Every launch shape, aligned and unaligned rows, every dtype (bfloat16 too), the shuffle reductions."""
+def test_cuda_simulator_runs_every_kernel_and_the_torch_side_against_float64():
+    """Every launch shape, aligned and unaligned rows, every dtype (bfloat16 too), the shuffle reductions;
+    then the torch side of the CUDA design (cuda_sim_torch.py): autograd, opcheck, torch.compile."""
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
     proc = subprocess.run(
-        [sys.executable, str(HERE / "cuda_sim_driver.py")], env=env, capture_output=True, text=True, timeout=600, cwd=HERE
+        [sys.executable, str(HERE / "cuda_sim_driver.py"), "--torch"],
+        env=env, capture_output=True, text=True, timeout=600, cwd=HERE,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "all simulator checks passed" in proc.stdout

@@ -132,14 +132,19 @@ def check_targets(target, n_cols: int, ignore_index: int, stream=0) -> None:
         raise bad_target(value, position, n_cols, ignore_index)
 
 
-def _finish(loss, target, weight, n_cols, ignore_index, reduction, by_rows, saved, out, stream, dtype):
-    """The reduced loss into ``out`` (and the mean's denominator into the last row of ``saved``)."""
-    if reduction == "none":
+def _finish(x, loss, target, weight, n_cols, ignore_index, reduction, by_rows, saved, out, stream, dtype):
+    """The reduced loss into ``out``, and the last row of ``saved`` (the mean's denominator).
+
+    With ``reduction="none"`` the forward kernel writes that row itself,
+    unless there are no rows.
+    """
+    if reduction == "none" and x.shape[0]:
         return
     kernel = kernels.get("ce_finish", dtype)
     has_w = weight is not None
     kernel[1, kernels.ONE_BLOCK_THREADS, stream](
-        loss, target, weight if has_w else loss, has_w, n_cols, ignore_index, _REDUCTIONS[reduction], by_rows, saved, out
+        loss, target, weight if has_w else loss, has_w, n_cols, ignore_index, _REDUCTIONS[reduction], by_rows, saved,
+        out if out is not None else x.reshape(-1),  # not written for "none"
     )
 
 
@@ -170,7 +175,7 @@ def cross_entropy_index(
         kernel[_grid(n_rows, rows), threads, stream](
             x, target, weight if has_w else loss, has_w, ignore_index, _acc_scalar(eps, dtype), loss, saved, aligned
         )
-    _finish(loss, target, weight, n_cols, ignore_index, reduction, False, saved, out, stream, dtype)
+    _finish(x, loss, target, weight, n_cols, ignore_index, reduction, False, saved, out, stream, dtype)
 
 
 def cross_entropy_index_backward(
@@ -213,7 +218,7 @@ def cross_entropy_prob(x, q, weight, eps: float, reduction: str, loss, out, save
         kernel[_grid(n_rows, rows), threads, stream](
             x, q, weight if has_w else loss, has_w, _acc_scalar(eps, dtype), loss, saved, aligned
         )
-    _finish(loss, _placeholder_targets(), weight, n_cols, -100, reduction, True, saved, out, stream, dtype)
+    _finish(x, loss, _placeholder_targets(), weight, n_cols, -100, reduction, True, saved, out, stream, dtype)
 
 
 def cross_entropy_prob_backward(
