@@ -55,15 +55,28 @@ def spec(family: str, *args):
     return FAMILIES[family](*args)
 
 
-def launch_bounds(max_threads: int):
-    """What the kernels are compiled with: at most ``max_threads`` threads a block, and at least one block per SM.
+#: Every kernel leaves room for this many resident threads per multiprocessor.
+MIN_RESIDENT_THREADS = 512
 
-    The second number matters on sm_90: given only the first, ptxas aims at
-    a fuller multiprocessor, caps the registers below what 65536 / threads
-    allows and spills (64 registers and 96 bytes of spills for
-    ``ce_bwd_f64_block`` at 512 threads, against 90 and none).
+
+def launch_bounds(max_threads: int):
+    """``(max threads per block, min blocks per multiprocessor)`` a kernel is compiled with: its register budget.
+
+    ptxas then keeps a thread within ``65536 / (max_threads * min_blocks)``
+    registers: 128 for the warp-per-row kernels (128 threads, 4 blocks) and
+    the 512-thread ones, 64 for the 1024-thread ones. The offline gates
+    check that each kernel fits with no spills. Stating the second number
+    matters on sm_90: given only the first, ptxas aims at a fuller
+    multiprocessor on its own, and spilled (``ce_bwd_f64_block`` at 512
+    threads: 64 registers and 96 bytes of spills, against 90 and none).
     """
-    return (max_threads, 1)
+    return (max_threads, max(1, MIN_RESIDENT_THREADS // max_threads))
+
+
+def register_budget(max_threads: int) -> int:
+    """The most registers a thread of a kernel launched with up to ``max_threads`` threads may use."""
+    threads, blocks = launch_bounds(max_threads)
+    return min(255, 65536 // (threads * blocks))
 
 
 @lru_cache(maxsize=None)

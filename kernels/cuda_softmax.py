@@ -37,15 +37,17 @@ from .cuda_reduce import MAX_WARPS, WARP, reducers, warp_row
 
 #: Chunks per thread kept in registers, by (direction, shape, dtype, log).
 #: Forward: ``items * vec`` values of the accumulation type, 32 registers
-#: (float64: 16 values in 32 registers). Backward: ``y`` and ``dy`` as raw
-#: chunks (half-precision values two to a register), 32 registers for both
-#: in a warp kernel. The block kernels run up to 1024 threads, which caps a
-#: thread at 64 registers; where the warp kernel's count spills there
-#: (ptxas's reports, gated offline), the block kernel keeps fewer chunks.
+#: (float64 warp kernels: 8 values, 16 registers). Backward: ``y`` and
+#: ``dy`` as raw chunks (half-precision values two to a register), 32
+#: registers for both in a warp kernel. Register budgets
+#: (:func:`kernels.cuda.launch_bounds`): 128 a thread for the warp kernels,
+#: 64 for the 1024-thread block kernels; where the warp kernel's count
+#: spills there (ptxas's reports, gated offline), the block kernel keeps
+#: fewer chunks.
 ITEMS = {}
 for _dtype, _fwd_warp, _fwd_block, _log_fwd_block, _bwd_block, _log_bwd_block in (
     ("float32", 8, 8, 6, 4, 4),
-    ("float64", 8, 8, 7, 4, 3),
+    ("float64", 4, 8, 7, 4, 3),
     ("float16", 4, 4, 4, 2, 2),
     ("bfloat16", 4, 4, 4, 2, 2),
 ):
