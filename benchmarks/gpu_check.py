@@ -14,10 +14,10 @@ On one NVIDIA GPU, in under 8 minutes on an H200 (``--budget`` seconds,
 2. then, alone on the GPU: the device-to-device copy bandwidth, and for
    softmax forward, softmax forward+backward and cross-entropy
    forward+backward, in float32 and bfloat16, rows of 1k to 256k columns,
-   the effective bandwidth (bytes that must move / median time, CUDA
-   events) of fastsoftmax, torch eager, ``torch.compile`` (and Liger-Kernel
-   where it is installed), and the peak memory of cross-entropy
-   forward+backward.
+   the effective bandwidth (bytes that must move / median time per call,
+   CUDA events around back-to-back calls) of fastsoftmax, torch eager,
+   ``torch.compile`` (and Liger-Kernel where it is installed), and the peak
+   memory of cross-entropy forward+backward.
 
 It writes ``results.json``, ``results.md`` (a table naming the GPU) and
 ``bandwidth.png`` (if matplotlib is there) under ``--out``, and prints
@@ -429,23 +429,32 @@ def tests_result(proc_log_xml, timeout: float) -> dict:
     return {"returncode": proc.returncode, **counts, "log": log.name}
 
 
-def _timer(fn, min_seconds=0.2, min_reps=5, max_reps=100):
-    """Median milliseconds of ``fn()`` by CUDA events, after a warm-up (compilation included there)."""
+def _timer(fn, min_seconds=0.3, min_samples=5, max_samples=40):
+    """Median milliseconds per call of ``fn()``, by CUDA events, after a warm-up (compilation included there).
+
+    Each sample times enough back-to-back calls to last about 2 ms, as in a
+    training loop, so the host's launch work overlaps the GPU's instead of
+    being counted as idle time before the first kernel.
+    """
     import torch
+
+    def sample(calls):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / calls
 
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
+    calls = max(1, min(50, int(2.0 / max(sample(1), 1e-3))))
     times, spent = [], 0.0
-    while len(times) < max_reps and (len(times) < min_reps or spent < min_seconds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        ms = start.elapsed_time(end)
-        times.append(ms)
-        spent += ms / 1000
+    while len(times) < max_samples and (len(times) < min_samples or spent < min_seconds):
+        times.append(sample(calls))
+        spent += times[-1] * calls / 1000
     return statistics.median(times)
 
 

@@ -48,8 +48,8 @@ ITEMS = {}
 for _dtype, _fwd_warp, _fwd_block, _log_fwd_block, _bwd_block, _log_bwd_block in (
     ("float32", 8, 8, 6, 4, 4),
     ("float64", 4, 8, 7, 4, 3),
-    ("float16", 4, 4, 4, 2, 2),
-    ("bfloat16", 4, 4, 4, 2, 2),
+    ("float16", 4, 4, 4, 2, 4),
+    ("bfloat16", 4, 4, 4, 2, 4),
 ):
     for _log in (False, True):
         ITEMS["fwd", "warp", _dtype, _log] = _fwd_warp
