@@ -53,7 +53,7 @@ def test_cuda_softmax_against_float64(log, dtype, n_cols):
     dy = _cuda(randn(6, n_cols, dtype=dtype))
     (dx,) = torch.autograd.grad(y, x, dy)
     assert_close(dx.cpu(), backward_reference(log, y, dy, 1).cpu(), dtype)
-    if not log:
+    if not log and n_cols > 1:  # (with one column, row 1 is all -inf: NaN, as in torch)
         assert (y[1, ::3] == 0).all()
 
 
