@@ -330,7 +330,7 @@ def sanitize_cases() -> int:
             for backward in (False, True):
                 warp = capacity(dtype_name, log, "warp", backward)
                 block = capacity(dtype_name, log, "block", backward)
-                for n_cols in (warp // 2, warp // 2 + 1, block // 2, block // 2 + 3, block + 8):  # each shape, whole chunks and not
+                for n_cols in (warp // 2, warp // 2 + 1, block // 2, block // 2 + 3, block + 8, block + 9):  # each shape, whole chunks and not
                     x = torch.randn(3, n_cols, device="cuda", dtype=dtype, requires_grad=backward)
                     y = (fastsoftmax.log_softmax if log else fastsoftmax.softmax)(x, 1)
                     if backward:

@@ -9,7 +9,7 @@ With :math:`m = \max_j x_j` and :math:`s = \sum_j e^{x_j - m}`:
     \partial x = y \odot (\partial y - \langle \partial y, y \rangle) \;\text{(softmax)}, \qquad
     \partial x = \partial y - e^{y} \textstyle\sum_k \partial y_k \;\text{(log-softmax, from its output } y).
 
-Three launch shapes, chosen by :func:`kernels.cuda.plan` from the row length:
+Three launch shapes, chosen by :func:`kernels.cuda.softmax_plan` from the row length:
 
 * ``warp``: one warp per row, four rows per 128-thread block; each lane
   keeps ``items`` chunks of the row in registers.
@@ -58,10 +58,11 @@ for _dtype, _fwd_warp, _fwd_block, _log_fwd_block, _bwd_block, _log_bwd_block in
     ITEMS["fwd", "block", _dtype, True] = _log_fwd_block
     ITEMS["bwd", "block", _dtype, False] = _bwd_block
     ITEMS["bwd", "block", _dtype, True] = _log_bwd_block
+del _dtype, _fwd_warp, _fwd_block, _log_fwd_block, _bwd_block, _log_bwd_block, _log
 
 #: Threads per block: warp-per-row kernels run four rows a block, the others
-#: up to ``MAX_THREADS`` per row. These are also the kernels' launch bounds
-#: (which cap a thread's registers at 65536 / threads).
+#: up to ``MAX_THREADS`` per row. These are also the kernels' launch bounds,
+#: so their register budgets (:func:`kernels.cuda.launch_bounds`).
 WARP_BLOCK = 128
 MAX_THREADS = 1024
 
