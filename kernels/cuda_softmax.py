@@ -27,8 +27,6 @@ is taken once per element per pass over memory; the forward keeps
 :math:`e^{x_j - m}` in registers between the sum and the write.
 """
 
-import math
-
 from numba import cuda
 from numba.cuda.types import boolean, void
 

@@ -18,8 +18,6 @@ Import this before ``fastsoftmax.kernels.cuda`` in a process started with
 
 import threading
 
-import numpy as np
-
 _lock = threading.Lock()
 
 

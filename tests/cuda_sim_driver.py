@@ -13,7 +13,6 @@ mismatch. ``--torch`` also runs the torch side of the CUDA design
 (:mod:`cuda_sim_torch`).
 """
 
-import math
 import os
 import sys
 
@@ -34,7 +33,6 @@ cuda_sim.install()
 cuda_sim.small_launch_shapes()
 
 from fastsoftmax.backends import cuda as be  # noqa: E402
-from fastsoftmax.errors import bad_target  # noqa: E402, F401  (the error the check raises)
 from fastsoftmax.kernels import cuda as kc  # noqa: E402
 from fastsoftmax.kernels.cuda_codec import codec  # noqa: E402
 
