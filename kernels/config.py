@@ -70,16 +70,10 @@ POOL_MIN_BYTES = 1 << 20
 POOL_MAX_CACHED_BYTES = 8 << 30
 
 # --- CUDA -----------------------------------------------------------------
-
-#: Threads per block for the block-per-row kernels.
-CUDA_THREADS_PER_BLOCK = 256
-
-#: Rows of at most this many columns get one warp per row.
-CUDA_WARP_ROW_MAX_COLS = 1024
-
-#: Rows of at most this many columns are kept in registers/shared memory
-#: (one read of the input); longer rows use the online two-pass path.
-CUDA_BLOCK_ROW_MAX_COLS = 16384
+# Launch shapes and the chunks each thread keeps in registers are part of
+# each kernel's compiled form (its name says them) and are gated offline
+# against its register budget: see kernels/cuda_softmax.py (ITEMS) and
+# kernels/cuda.py (the plans).
 
 #: Check class-index targets on CUDA before the kernel runs, raising
 #: IndexError for one out of range. This is the only host synchronisation of
@@ -87,8 +81,3 @@ CUDA_BLOCK_ROW_MAX_COLS = 16384
 #: off, a bad target gives a NaN loss and NaN gradient row, never an
 #: out-of-bounds read.
 CUDA_CHECK_TARGETS = True
-
-#: Use warp shuffles for reductions (hardware). The CUDA simulator has no
-#: shuffles, so the simulator tests set this to False to run the
-#: shared-memory reduction path instead.
-CUDA_USE_SHUFFLE = True

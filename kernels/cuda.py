@@ -1,346 +1,137 @@
-"""CUDA kernels (numba-cuda): the same ops as :mod:`kernels.cpu`, on device arrays.
+"""The CUDA kernels (numba-cuda): which one runs for a row length, how it is compiled, and the list of all of them.
 
-Launch shape by row length ``C`` (see :func:`plan`):
+* :mod:`.cuda_softmax`: softmax and log-softmax, forward and backward.
+* :mod:`.cuda_cross_entropy`: cross-entropy forward (loss and per-row
+  statistics), backward (the gradient rebuilt from them), and two one-block
+  helpers.
+* :mod:`.cuda_codec`, :mod:`.cuda_reduce`, :mod:`.cuda_intrinsics`: 16-byte
+  chunked row access per dtype, warp and block reductions, the intrinsics
+  numba-cuda lacks.
 
-* ``C <= config.CUDA_WARP_ROW_MAX_COLS``: one warp per row, several rows per
-  block; each lane keeps its ``C / 32`` elements in registers, so the row is
-  read from global memory once.
-* ``C <= config.CUDA_BLOCK_ROW_MAX_COLS``: one block per row, the row kept
-  in registers across the block's threads, read once.
-* longer rows: one block per row, online pass: each thread folds its
-  elements into a running ``(max, sum of exp)`` pair (:func:`rowmath.online_update`),
-  the pairs are merged across the block (:func:`rowmath.lse_merge`), and a
-  second pass over the row (from L2 when it fits) writes the output.
-
-Reductions use warp shuffles on hardware. The CUDA simulator has no
-shuffles, so with ``config.CUDA_USE_SHUFFLE = False`` every reduction is a
-shared-memory tree instead; the simulator tests run that path.
-
-Every kernel accumulates in float32 (float64 for float64 inputs). float16
-arrays are read and written as float16; bfloat16 arrays are passed as their
-``uint16`` bits (PyTorch exports no bfloat16 array interface) and converted
-with round-to-nearest-even. Row offsets are 64-bit, so tensors past 2**31
-elements index correctly.
-
-Kernels are built per (op, dtype, launch shape) by factories and cached;
-:func:`ptx_signatures` lists every one for the no-GPU compile test.
+Every kernel takes C-contiguous rows of its storage dtype (float16 and
+bfloat16 as their ``uint16`` bits) and accumulates in float32 (float64 for
+float64 rows). Each is one specialisation: op, dtype and launch shape are
+fixed when it is built, with the chunks each thread keeps in registers a
+compile-time constant, and its name says all three
+(``softmax_fwd_bf16_block_c32768``, ``ce_bwd_f32_warp``). :func:`get`
+compiles one (with numba-cuda's defaults, so with link-time optimisation
+where nvJitLink is present, and with the kernel's launch bounds) the first
+time it is asked for; :func:`all_kernels` lists every one, for the offline
+gates that link them for sm_90a and sm_80 without a GPU.
 """
 
-import math
 from functools import lru_cache
 
 from numba import cuda
-from numba.cuda.types import boolean, float32, float64, int64, void
+from numba.cuda.core import config
 
-from . import config
-from .cuda_reduce import (
-    DTYPES,
-    WARP,
-    ce_index_grad_coeffs,
-    ce_index_loss,
-    codec,
-    my_row,
-    online_update,
-    reducers,
-)
+from . import cuda_ce_finish, cuda_cross_entropy, cuda_softmax
+from .cuda_codec import codec
+from .cuda_reduce import WARP
 
-# --- launch plans --------------------------------------------------------------
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+SHAPES = ("warp", "block", "online")
 
+#: ``(family, *arguments) -> (name, pyfunc, signature, max_threads)``
+FAMILIES = {
+    "softmax_fwd": lambda dtype, log, shape: cuda_softmax.forward(dtype, log, shape),
+    "softmax_bwd": lambda dtype, log, shape: cuda_softmax.backward(dtype, log, shape),
+    "ce_fwd": cuda_cross_entropy.forward_index,
+    "ce_bwd": cuda_cross_entropy.backward_index,
+    "ce_prob_fwd": cuda_cross_entropy.forward_prob,
+    "ce_prob_bwd": cuda_cross_entropy.backward_prob,
+    "ce_finish": cuda_ce_finish.finish,
+    "ce_check_targets": cuda_ce_finish.check_targets,
+}
 
-def plan(n_cols: int):
-    """``(group, threads, items)``: threads per row, per block, and row elements kept per thread."""
-    threads = config.CUDA_THREADS_PER_BLOCK
-    if n_cols <= config.CUDA_WARP_ROW_MAX_COLS:
-        return WARP, threads, max(1, -(-config.CUDA_WARP_ROW_MAX_COLS // WARP))
-    return threads, threads, max(1, -(-config.CUDA_BLOCK_ROW_MAX_COLS // threads))
-
-
-def grid(n_rows: int, group: int, threads: int) -> int:
-    rows_per_block = threads // group
-    return -(-n_rows // rows_per_block)
-
-
-# --- softmax and log_softmax ------------------------------------------------------
+#: Cross-entropy rows of at most this many chunks per lane of one warp run
+#: warp per row; longer rows get a block with about this many chunks per thread.
+CE_CHUNKS_PER_THREAD = 8
 
 
 @lru_cache(maxsize=None)
-def softmax_forward(dtype: str, log: bool, group: int, threads: int, items: int, use_shuffle: bool):
-    """Kernel ``(x, y)``: ``y = softmax(x)`` (``log``: ``log_softmax``) along the last axis of 2-D arrays."""
-    load, store, acc = codec(dtype)
-    max_, sum_, lse_ = reducers(group, threads, use_shuffle)
-    neg_inf = -math.inf
-
-    def kernel(x, y):
-        n_rows, n_cols = x.shape
-        lane, r, active = my_row(group, n_rows)
-        sm_a = cuda.shared.array(threads, acc)
-        sm_b = cuda.shared.array(threads, acc)
-        if n_cols <= group * items:
-            # the row in registers: one read of global memory
-            vals = cuda.local.array(items, acc)
-            m = acc(neg_inf)
-            for k in range(items):
-                j = lane + k * group
-                v = load(x, r, j) if j < n_cols else acc(neg_inf)
-                vals[k] = v
-                m = v if v > m else m
-            m = max_(m, sm_a)
-            s = acc(0.0)
-            for k in range(items):
-                if lane + k * group < n_cols:
-                    s += math.exp(vals[k] - m)
-            s = sum_(s, sm_b)
-            if active:
-                if log:
-                    log_s = math.log(s)
-                    for k in range(items):
-                        j = lane + k * group
-                        if j < n_cols:
-                            store(y, r, j, (vals[k] - m) - log_s)
-                else:
-                    inv = acc(1.0) / s
-                    for k in range(items):
-                        j = lane + k * group
-                        if j < n_cols:
-                            store(y, r, j, math.exp(vals[k] - m) * inv)
-        else:
-            # long rows: online (max, sum) in one pass, the output in a second
-            m = acc(neg_inf)
-            s = acc(0.0)
-            for j in range(lane, n_cols, group):
-                m, s = online_update(m, s, load(x, r, j))
-            m, s = lse_(m, s, sm_a, sm_b)
-            if active:
-                if log:
-                    log_s = math.log(s)
-                    for j in range(lane, n_cols, group):
-                        store(y, r, j, (load(x, r, j) - m) - log_s)
-                else:
-                    inv = acc(1.0) / s
-                    for j in range(lane, n_cols, group):
-                        store(y, r, j, math.exp(load(x, r, j) - m) * inv)
-
-    return kernel
+def spec(family: str, *args):
+    """``(name, pyfunc, signature, max_threads)`` of one kernel: ``max_threads`` is the most threads per block it is launched with."""
+    return FAMILIES[family](*args)
 
 
-@lru_cache(maxsize=None)
-def softmax_backward(dtype: str, log: bool, group: int, threads: int, items: int, use_shuffle: bool):
-    """Kernel ``(y, dy, dx)``: ``dx = y * (dy - sum(dy * y))`` (``log``: ``dx = dy - exp(y) * sum(dy)``)."""
-    load, store, acc = codec(dtype)
-    _, sum_, _ = reducers(group, threads, use_shuffle)
-
-    def kernel(y, dy, dx):
-        n_rows, n_cols = y.shape
-        lane, r, active = my_row(group, n_rows)
-        sm = cuda.shared.array(threads, acc)
-        t = acc(0.0)
-        for j in range(lane, n_cols, group):
-            if log:
-                t += load(dy, r, j)
-            else:
-                t += load(dy, r, j) * load(y, r, j)
-        t = sum_(t, sm)
-        if active:
-            for j in range(lane, n_cols, group):
-                if log:
-                    store(dx, r, j, load(dy, r, j) - math.exp(load(y, r, j)) * t)
-                else:
-                    yj = load(y, r, j)
-                    store(dx, r, j, yj * (load(dy, r, j) - t))
-
-    return kernel
+#: Every kernel leaves room for this many resident threads per multiprocessor.
+MIN_RESIDENT_THREADS = 512
 
 
-# --- cross-entropy ------------------------------------------------------------------
+def launch_bounds(max_threads: int):
+    """``(max threads per block, min blocks per multiprocessor)`` a kernel is compiled with: its register budget.
 
-
-@lru_cache(maxsize=None)
-def cross_entropy_index(dtype: str, group: int, threads: int, items: int, use_shuffle: bool):
-    """Kernel ``(x, target, weight, has_w, ignore_index, eps, scale, loss, grad, want_grad)``.
-
-    The fused forward of :func:`kernels.cpu._cross_entropy_index`: one row per
-    group, loss (float64, unreduced) and ``grad`` = d(reduced loss)/dx for a
-    unit grad_output. ``scale`` is a one-element float64 device array (the
-    reduction's factor, computed on the device: no host synchronisation).
-    ``weight`` has ``C`` elements (ignored unless ``has_w``). A target outside
-    ``[0, C)`` that is not ``ignore_index`` gives a NaN loss and NaN gradient
-    row, never an out-of-bounds read.
+    ptxas then keeps a thread within ``65536 / (max_threads * min_blocks)``
+    registers: 128 for the warp-per-row kernels (128 threads, 4 blocks) and
+    the 512-thread ones, 64 for the 1024-thread ones. The offline gates
+    check that each kernel fits with no spills. Stating the second number
+    matters on sm_90: given only the first, ptxas aims at a fuller
+    multiprocessor on its own, and spilled (``ce_bwd_f64_block`` at 512
+    threads: 64 registers and 96 bytes of spills, against 90 and none).
     """
-    load, store, acc = codec(dtype)
-    _, sum_, lse_ = reducers(group, threads, use_shuffle)
-    neg_inf = -math.inf
-    nan = math.nan
+    return (max_threads, max(1, MIN_RESIDENT_THREADS // max_threads))
 
-    def kernel(x, target, weight, has_w, ignore_index, eps, scale, loss, grad, want_grad):
-        n_rows, n_cols = x.shape
-        lane, r, active = my_row(group, n_rows)
-        sm_a = cuda.shared.array(threads, acc)
-        sm_b = cuda.shared.array(threads, acc)
-        t = target[r]
-        ignored = t == ignore_index
-        valid = ignored or (t >= 0 and t < n_cols)
-        tt = t if (valid and not ignored) else int64(0)
-        # (max, sum of exp): in registers for short rows, online for long ones
-        in_regs = n_cols <= group * items
-        vals = cuda.local.array(items, acc)
-        m = acc(neg_inf)
-        s = acc(0.0)
-        if in_regs:
-            for k in range(items):
-                j = lane + k * group
-                v = load(x, r, j) if j < n_cols else acc(neg_inf)
-                vals[k] = v
-                if j < n_cols:
-                    m, s = online_update(m, s, v)
-        else:
-            for j in range(lane, n_cols, group):
-                m, s = online_update(m, s, load(x, r, j))
-        m, s = lse_(m, s, sm_a, sm_b)
-        w_t = acc(weight[tt]) if has_w else acc(1.0)
-        w_sum_part = acc(0.0)
-        for j in range(lane, n_cols, group):
-            w_sum_part += acc(weight[j]) if has_w else acc(1.0)
-        w_sum = sum_(w_sum_part, sm_a)
-        k_exp, k_w, k_hot = ce_index_grad_coeffs(s, w_t, w_sum, eps, n_cols, acc(scale[0]))
-        k_exp = acc(k_exp)
-        k_w = acc(k_w)
-        k_hot = acc(k_hot)
-        sum_wd = acc(0.0)
-        for k in range(items if in_regs else 0):
-            j = lane + k * group
-            if j < n_cols:
-                wj = acc(weight[j]) if has_w else acc(1.0)
-                sum_wd += wj * (m - vals[k])
-                if active and want_grad:
-                    g = math.exp(vals[k] - m) * k_exp - k_w * wj
-                    if j == tt:
-                        g -= k_hot
-                    store(grad, r, j, g if (valid and not ignored) else (acc(nan) if not valid else acc(0.0)))
-        if not in_regs:
-            for j in range(lane, n_cols, group):
-                xj = load(x, r, j)
-                wj = acc(weight[j]) if has_w else acc(1.0)
-                sum_wd += wj * (m - xj)
-                if active and want_grad:
-                    g = math.exp(xj - m) * k_exp - k_w * wj
-                    if j == tt:
-                        g -= k_hot
-                    store(grad, r, j, g if (valid and not ignored) else (acc(nan) if not valid else acc(0.0)))
-        sum_wd = sum_(sum_wd, sm_b)
-        if active and lane == 0:
-            if ignored:
-                loss[r] = 0.0
-            elif not valid:
-                loss[r] = nan
-            else:
-                loss[r] = ce_index_loss(m, math.log(s), load(x, r, tt), w_t, sum_wd, w_sum, eps, n_cols)
 
-    return kernel
+def register_budget(max_threads: int) -> int:
+    """The most registers a thread of a kernel launched with up to ``max_threads`` threads may use."""
+    threads, blocks = launch_bounds(max_threads)
+    return min(255, 65536 // (threads * blocks))
 
 
 @lru_cache(maxsize=None)
-def cross_entropy_prob(dtype: str, group: int, threads: int, use_shuffle: bool):
-    """Kernel ``(x, q, weight, has_w, eps, scale, loss, grad, want_grad)``: probability targets.
+def get(family: str, *args):
+    """The launchable kernel (compiled on first use, for exactly its signature)."""
+    _, pyfunc, signature, max_threads = spec(family, *args)
+    if config.ENABLE_CUDASIM:  # the simulator takes no launch bounds
+        return cuda.jit(signature)(pyfunc)
+    return cuda.jit(signature, launch_bounds=launch_bounds(max_threads))(pyfunc)
 
-    ``a_j = w_j * ((1 - eps) * q_j + eps / C)``, ``loss = sum_j a_j * (m - x_j) + A * log s``,
-    ``grad = (A * p_j - a_j) * scale``. Three passes over the row: (max, sum),
-    (A, sum a_j (m - x_j)), gradient.
+
+def _round_warps(threads: int) -> int:
+    return max(WARP, -(-threads // WARP) * WARP)
+
+
+def softmax_plan(n_cols: int, dtype: str, log: bool, backward: bool):
+    """``(shape, threads per block, rows per block)`` of the softmax kernel for rows of ``n_cols``.
+
+    A warp per row while a warp's registers hold the row, then a block per
+    row with just enough threads to hold it, then the online kernel.
     """
-    load, store, acc = codec(dtype)
-    _, sum_, lse_ = reducers(group, threads, use_shuffle)
-    neg_inf = -math.inf
-
-    def kernel(x, q, weight, has_w, eps, scale, loss, grad, want_grad):
-        n_rows, n_cols = x.shape
-        lane, r, active = my_row(group, n_rows)
-        sm_a = cuda.shared.array(threads, acc)
-        sm_b = cuda.shared.array(threads, acc)
-        m = acc(neg_inf)
-        s = acc(0.0)
-        for j in range(lane, n_cols, group):
-            m, s = online_update(m, s, load(x, r, j))
-        m, s = lse_(m, s, sm_a, sm_b)
-        keep = acc(1.0) - eps
-        spread = eps / n_cols
-        a_sum = acc(0.0)
-        sum_ad = acc(0.0)
-        for j in range(lane, n_cols, group):
-            wj = acc(weight[j]) if has_w else acc(1.0)
-            a = wj * (keep * load(q, r, j) + spread)
-            a_sum += a
-            sum_ad += a * (m - load(x, r, j))
-        a_sum = sum_(a_sum, sm_a)
-        sum_ad = sum_(sum_ad, sm_b)
-        if active:
-            if lane == 0:
-                loss[r] = sum_ad + a_sum * math.log(s)
-            if want_grad:
-                sc = acc(scale[0])
-                k = a_sum * sc / s
-                for j in range(lane, n_cols, group):
-                    wj = acc(weight[j]) if has_w else acc(1.0)
-                    a = wj * (keep * load(q, r, j) + spread)
-                    store(grad, r, j, math.exp(load(x, r, j) - m) * k - a * sc)
-
-    return kernel
+    direction = "bwd" if backward else "fwd"
+    n_chunks = -(-n_cols // codec(dtype).vec)
+    if n_chunks <= WARP * cuda_softmax.ITEMS[direction, "warp", dtype, log]:
+        return "warp", cuda_softmax.WARP_BLOCK, cuda_softmax.WARP_BLOCK // WARP
+    items = cuda_softmax.ITEMS[direction, "block", dtype, log]
+    if n_chunks <= cuda_softmax.MAX_THREADS * items:
+        return "block", _round_warps(-(-n_chunks // items)), 1
+    return "online", cuda_softmax.MAX_THREADS, 1
 
 
-@lru_cache(maxsize=None)
-def scale_rows(dtype: str):
-    """Kernel ``(src, factor, out)``: ``out[i, j] = src[i, j] * factor[i]``, one thread per element."""
-    load, store, acc = codec(dtype)
-
-    def kernel(src, factor, out):
-        n_rows, n_cols = src.shape
-        i = int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
-        stride = int64(cuda.gridDim.x) * cuda.blockDim.x
-        total = n_rows * n_cols
-        while i < total:
-            r = i // n_cols
-            c = i - r * n_cols
-            store(out, r, c, load(src, r, c) * acc(factor[r]))
-            i += stride
-
-    return kernel
+def ce_plan(n_cols: int, dtype: str):
+    """``(shape, threads per block, rows per block)`` of the cross-entropy kernels for rows of ``n_cols``."""
+    n_chunks = -(-n_cols // codec(dtype).vec)
+    if n_chunks <= WARP * CE_CHUNKS_PER_THREAD:
+        return "warp", cuda_softmax.WARP_BLOCK, cuda_softmax.WARP_BLOCK // WARP
+    threads = min(cuda_cross_entropy.BLOCK_THREADS, _round_warps(-(-n_chunks // CE_CHUNKS_PER_THREAD)))
+    return "block", threads, 1
 
 
-@lru_cache(maxsize=None)
-def jit(pyfunc):
-    """The launchable kernel for a factory's Python function."""
-    return cuda.jit(pyfunc)
+#: Threads of the one-block kernels.
+ONE_BLOCK_THREADS = 1024
 
 
-# --- every kernel signature, for the PTX compile test ---------------------------------
-
-
-def ptx_signatures():
-    """``(name, pyfunc, signature)`` for every kernel and dtype the backend launches."""
+def all_kernels():
+    """``[(family, args)]`` of every kernel the backend can launch: every dtype x launch shape x op."""
     out = []
-    shuffle = config.CUDA_USE_SHUFFLE
-    threads = config.CUDA_THREADS_PER_BLOCK
-    for dtype, elem in DTYPES.items():
-        acc = float64 if dtype == "float64" else float32
-        mat = elem[:, ::1]
-        for group, _, items in (plan(1), plan(config.CUDA_WARP_ROW_MAX_COLS + 1)):
-            shape = f"group{group}"
+    for dtype in DTYPES:
+        for family in ("softmax_fwd", "softmax_bwd"):
             for log in (False, True):
-                op = "log_softmax" if log else "softmax"
-                out.append((f"{op}_forward[{dtype},{shape}]", softmax_forward(dtype, log, group, threads, items, shuffle), void(mat, mat)))
-                out.append((f"{op}_backward[{dtype},{shape}]", softmax_backward(dtype, log, group, threads, items, shuffle), void(mat, mat, mat)))
-            wvec = acc[::1]
-            out.append(
-                (
-                    f"cross_entropy_index[{dtype},{shape}]",
-                    cross_entropy_index(dtype, group, threads, items, shuffle),
-                    void(mat, int64[::1], wvec, boolean, int64, acc, float64[::1], float64[::1], mat, boolean),
-                )
-            )
-            out.append(
-                (
-                    f"cross_entropy_prob[{dtype},{shape}]",
-                    cross_entropy_prob(dtype, group, threads, shuffle),
-                    void(mat, mat, wvec, boolean, acc, float64[::1], float64[::1], mat, boolean),
-                )
-            )
-        out.append((f"scale_rows[{dtype}]", scale_rows(dtype), void(mat, float64[::1], mat)))
+                for shape in SHAPES:
+                    out.append((family, (dtype, log, shape)))
+        for family in ("ce_fwd", "ce_bwd", "ce_prob_fwd", "ce_prob_bwd"):
+            for shape in ("warp", "block"):
+                out.append((family, (dtype, shape)))
+        out.append(("ce_finish", (dtype,)))
+    out.append(("ce_check_targets", ()))
     return out

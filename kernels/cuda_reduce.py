@@ -1,206 +1,126 @@
-"""Building blocks of the CUDA kernels: element codecs and reductions over a warp or a block.
+r"""Reductions over a warp or a block, and the running log-sum-exp state they merge.
 
-* :func:`codec`: load an element in the accumulation type and store one
-  rounded to the storage dtype (float16 natively; bfloat16 as its ``uint16``
-  bits, since PyTorch exports no bfloat16 array interface).
-* :func:`reducers`: max, sum and log-sum-exp pair reductions over each group
-  of consecutive threads (a warp, or the whole block), by warp shuffles on
-  hardware or by shared-memory trees (which the CUDA simulator can run).
+Every reduction leaves its result in every thread of the group: a butterfly
+of ``shfl_xor_sync`` inside each warp, then (block reductions) lane 0 of
+each warp writes to shared memory and every thread folds the warps' values
+in the same order, so all threads agree bit for bit. Every thread of the
+group must call them: they synchronise the warp (and the block).
 
-Device functions are inlined into their callers at Numba IR level
-(``inline="always"``). Besides saving a call, this lets ``compile_ptx``
-build the kernels on a machine with no GPU: a separately compiled device
-function asks the driver for the current device's compute capability.
+The running state of a row is :math:`(m, s)` with :math:`m` the largest
+element seen and :math:`s = \sum e^{x - m}` over the elements seen, starting
+from :math:`(-\infty, 0)`; :func:`Reducers.lse_merge` merges two. NaN
+follows PyTorch's two-pass form: a NaN or ``+inf`` element makes
+:math:`s` NaN, ``-inf`` elements add nothing, and a row of ``-inf`` only
+ends with :math:`s = 0` (its softmax ``exp(-inf - -inf)`` is NaN, as in
+torch).
 """
 
+import math
+from dataclasses import dataclass
 from functools import lru_cache
 
 from numba import cuda
-from numba.cuda.types import float16, float32, float64, int64, uint16
+from numba.cuda.types import int64
 
-from . import rowmath
-
-device = cuda.jit(device=True, inline="always")
-
-online_update = device(rowmath.online_update)
-lse_merge = device(rowmath.lse_merge)
-ce_index_loss = device(rowmath.ce_index_loss)
-ce_index_grad_coeffs = device(rowmath.ce_index_grad_coeffs)
-
-#: Storage dtypes, by name, and the numba array element type each is passed as.
-DTYPES = {"float32": float32, "float64": float64, "float16": float16, "bfloat16": uint16}
+from .cuda_codec import codec, device
 
 FULL_MASK = 0xFFFFFFFF
 WARP = 32
-
-
-# --- loading and storing each dtype in the accumulation type ------------------
-
-
-@lru_cache(maxsize=None)
-def codec(dtype: str):
-    """``(load, store, acc)``: read an element as ``acc``, write an ``acc`` rounded to the storage dtype."""
-    if dtype == "bfloat16":
-        from numba.cuda import bf16
-
-        @device
-        def load(a, i, j):
-            return bf16.bfloat162float(bf16.ushort_as_bfloat16(a[i, j]))
-
-        @device
-        def store(a, i, j, v):
-            a[i, j] = bf16.bfloat16_as_ushort(bf16.float2bfloat16_rn(v))
-
-        return load, store, float32
-    acc = float64 if dtype == "float64" else float32
-    elem = DTYPES[dtype]
-
-    @device
-    def load(a, i, j):
-        return acc(a[i, j])
-
-    @device
-    def store(a, i, j, v):
-        a[i, j] = elem(v)
-
-    return load, store, acc
-
-
-# --- reductions over a group of threads (a warp or the whole block) ------------
+#: Most warps in a block (1024 threads): the size of the shared arrays of a block reduction.
+MAX_WARPS = 32
 
 
 @device
-def _add(a, b):
-    return a + b
+def warp_row(n_rows):
+    """``(lane, row, active)`` for warp-per-row kernels: this thread's lane, its warp's row (64-bit), whether it exists."""
+    tid = cuda.threadIdx.x
+    row = int64(cuda.blockIdx.x) * (cuda.blockDim.x // WARP) + tid // WARP
+    return tid % WARP, row, row < n_rows
 
 
-@device
-def _max(a, b):
-    # NaN-ignoring, like the CPU's maxnum: a NaN reaches the result through the sum instead
-    return b if b > a else a
+@dataclass(frozen=True)
+class Reducers:
+    """Device functions for one accumulation type (see the module docstring)."""
+
+    neg_inf: object
+    zero: object
+    max_: object  # NaN-skipping max of two values
+    lse_merge: object  # (m, s) of two partial rows -> (m, s) of both
+    warp_max: object
+    warp_sum: object
+    warp_lse: object
+    block_max: object  # (v, sm): sm a shared array of MAX_WARPS
+    block_sum: object
+    block_lse: object  # (m, s, sm_m, sm_s)
 
 
 @lru_cache(maxsize=None)
-def reducers(group: int, threads: int, use_shuffle: bool):
-    """Device functions reducing over each ``group`` of consecutive threads of a block.
+def reducers(dtype: str) -> Reducers:
+    """The :class:`Reducers` for rows of storage dtype ``dtype`` (float64 rows accumulate in float64, others in float32)."""
+    cd = codec(dtype)
+    acc, exp = cd.acc, cd.exp
+    neg_inf = acc(-math.inf)
+    zero = acc(0.0)
 
-    ``max_(v, sm)``, ``sum_(v, sm)``, ``lse_(m, s, sm_m, sm_s)`` return the
-    group's result to every thread of the group; ``sm*`` are shared arrays of
-    ``threads`` elements. Every thread of the block must call them (they
-    synchronise the block).
-    """
-    if not use_shuffle:
-        return _tree(_max, group), _tree(_add, group), _tree_lse(group)
-    if group == WARP:
-        return _warp(_max), _warp(_add), _warp_lse()
-    n_warps = threads // WARP
-    return _block(_max, n_warps), _block(_add, n_warps), _block_lse(n_warps)
-
-
-# shared-memory trees over each group: no shuffles, so the CUDA simulator runs them
-
-
-def _tree(combine, group):
     @device
-    def reduce(v, sm):
-        tid = cuda.threadIdx.x
-        lane = tid % group
-        cuda.syncthreads()
-        sm[tid] = v
-        cuda.syncthreads()
-        stride = group // 2
-        while stride > 0:
-            if lane < stride:
-                sm[tid] = combine(sm[tid], sm[tid + stride])
-            cuda.syncthreads()
-            stride //= 2
-        return sm[tid - lane]
+    def max_(a, b):
+        # NaN-skipping, like PTX max.f32: a NaN reaches the result through the sum instead
+        return b if b > a else a
 
-    return reduce
-
-
-def _tree_lse(group):
     @device
-    def reduce(m, s, sm_m, sm_s):
-        tid = cuda.threadIdx.x
-        lane = tid % group
-        cuda.syncthreads()
-        sm_m[tid] = m
-        sm_s[tid] = s
-        cuda.syncthreads()
-        stride = group // 2
-        while stride > 0:
-            if lane < stride:
-                a, b = lse_merge(sm_m[tid], sm_s[tid], sm_m[tid + stride], sm_s[tid + stride])
-                sm_m[tid] = a
-                sm_s[tid] = b
-            cuda.syncthreads()
-            stride //= 2
-        base = tid - lane
-        return sm_m[base], sm_s[base]
+    def add(a, b):
+        return a + b
 
-    return reduce
-
-
-# warp shuffles (hardware): a butterfly leaves the result in every lane
-
-
-def _warp(combine):
     @device
-    def reduce(v, sm):
+    def lse_merge(m1, s1, m2, s2):
+        if m2 > m1:
+            m1, s1, m2, s2 = m2, s2, m1, s1
+        if m2 == neg_inf:  # nothing finite on that side: it adds its 0 (or its NaN)
+            return m1, s1 + s2
+        return m1, s1 + s2 * exp(m2 - m1)
+
+    def warp_reduce(combine):
+        @device
+        def reduce(v):
+            offset = WARP // 2
+            while offset > 0:
+                v = combine(v, cuda.shfl_xor_sync(FULL_MASK, v, offset))
+                offset //= 2
+            return v
+
+        return reduce
+
+    warp_max = warp_reduce(max_)
+    warp_sum = warp_reduce(add)
+
+    @device
+    def warp_lse(m, s):
         offset = WARP // 2
         while offset > 0:
-            v = combine(v, cuda.shfl_xor_sync(FULL_MASK, v, offset))
-            offset //= 2
-        return v
-
-    return reduce
-
-
-def _warp_lse():
-    @device
-    def reduce(m, s, sm_m, sm_s):
-        offset = WARP // 2
-        while offset > 0:
-            m2 = cuda.shfl_xor_sync(FULL_MASK, m, offset)
-            s2 = cuda.shfl_xor_sync(FULL_MASK, s, offset)
-            m, s = lse_merge(m, s, m2, s2)
+            m, s = lse_merge(m, s, cuda.shfl_xor_sync(FULL_MASK, m, offset), cuda.shfl_xor_sync(FULL_MASK, s, offset))
             offset //= 2
         return m, s
 
-    return reduce
+    def block_reduce(combine, in_warp):
+        @device
+        def reduce(v, sm):
+            v = in_warp(v)
+            tid = cuda.threadIdx.x
+            cuda.syncthreads()  # the previous reduction's readers are done with sm
+            if tid % WARP == 0:
+                sm[tid // WARP] = v
+            cuda.syncthreads()
+            v = sm[0]
+            for w in range(1, cuda.blockDim.x // WARP):
+                v = combine(v, sm[w])
+            return v
 
-
-# a whole block: shuffles inside each warp, then every thread combines the
-# warps' results from shared memory
-
-
-def _block(combine, n_warps):
-    in_warp = _warp(combine)
-
-    @device
-    def reduce(v, sm):
-        tid = cuda.threadIdx.x
-        v = in_warp(v, sm)
-        cuda.syncthreads()
-        if tid % WARP == 0:
-            sm[tid // WARP] = v
-        cuda.syncthreads()
-        v = sm[0]
-        for w in range(1, n_warps):
-            v = combine(v, sm[w])
-        return v
-
-    return reduce
-
-
-def _block_lse(n_warps):
-    in_warp = _warp_lse()
+        return reduce
 
     @device
-    def reduce(m, s, sm_m, sm_s):
+    def block_lse(m, s, sm_m, sm_s):
+        m, s = warp_lse(m, s)
         tid = cuda.threadIdx.x
-        m, s = in_warp(m, s, sm_m, sm_s)
         cuda.syncthreads()
         if tid % WARP == 0:
             sm_m[tid // WARP] = m
@@ -208,20 +128,19 @@ def _block_lse(n_warps):
         cuda.syncthreads()
         m = sm_m[0]
         s = sm_s[0]
-        for w in range(1, n_warps):
+        for w in range(1, cuda.blockDim.x // WARP):
             m, s = lse_merge(m, s, sm_m[w], sm_s[w])
         return m, s
 
-    return reduce
-
-
-@device
-def my_row(group, n_rows):
-    """``(lane, row, active)`` of this thread: its lane in its group of ``group``
-    threads, the row its group handles (64-bit; row 0 for the idle groups past
-    the last row, which still join the block's reductions), and whether that
-    row exists."""
-    tid = cuda.threadIdx.x
-    row = int64(cuda.blockIdx.x) * (cuda.blockDim.x // group) + tid // group
-    active = row < n_rows
-    return tid % group, (row if active else int64(0)), active
+    return Reducers(
+        neg_inf=neg_inf,
+        zero=zero,
+        max_=max_,
+        lse_merge=lse_merge,
+        warp_max=warp_max,
+        warp_sum=warp_sum,
+        warp_lse=warp_lse,
+        block_max=block_reduce(max_, warp_max),
+        block_sum=block_reduce(add, warp_sum),
+        block_lse=block_lse,
+    )

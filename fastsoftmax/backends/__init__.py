@@ -2,5 +2,6 @@
 
 * :mod:`.cpu`: NumPy arrays in (no torch): picks the serial or parallel
   twin, builds the work queue and scratch, checks class indices.
-* :mod:`.cuda`: CUDA tensors in, kernels launched on torch's current stream.
+* :mod:`.cuda`: CUDA arrays and a stream in (no torch): picks each kernel by
+  row length, takes the 16-byte path where rows allow it.
 """

@@ -33,8 +33,9 @@ from torch import Tensor
 from torch.library import custom_op
 
 from .. import validation
-from ..errors import bad_target
+from ..errors import ShapeError, bad_target
 from ..kernels import config
+from . import cross_entropy_cuda as cuda_design
 from .layout import as_rows, device, empty_moved, rows_last, to_dtype
 from .cross_entropy_graph import (  # noqa: F401  (composite, lse_graph, z_term_graph: for functional)
     backward_graph,
@@ -203,65 +204,31 @@ def _forward_cpu(input, target, weight, ignore_index, reduction, eps, z_loss, co
     return total, grad, lse_ret
 
 
-def _forward_cuda(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad):
-    """The CUDA path: loss and the gradient for a unit grad_output, by the CUDA backend."""
-    dev = device(input)
-    be, arr = dev.backend(), dev.array
-    compute = dev.compute_dtype(input.dtype)
-    squeeze = input.ndim == 1
-    if squeeze:
-        input, target = input.unsqueeze(0), target.unsqueeze(0)
-    n_classes = input.shape[1]
-    xr = rows_last(input, 1, compute)
-    x2 = as_rows(xr)
-    n_rows = x2.shape[0]
-    w = arr(rows_last(weight, 0, compute)) if weight is not None else None
-    loss_rows = dev.empty((n_rows,), torch.float64, input.device)
-    grad = dev.empty((n_rows if compute_grad else 0, n_classes), compute, input.device)
-    if is_prob_target(input, target):
-        q = as_rows(rows_last(target, 1, compute))
-        denom = be.cross_entropy_prob(arr(x2), arr(q), w, label_smoothing, reduction, arr(loss_rows), arr(grad))
-        loss_shape = target.shape[:1] + target.shape[2:]
-    else:
-        t = to_dtype(target.reshape(-1), torch.int64)
-        args = (arr(x2), arr(t), w, ignore_index, label_smoothing, reduction, arr(loss_rows), arr(grad))
-        denom = be.cross_entropy_index(*args)
-        loss_shape = target.shape
-    if reduction == "none":
-        loss = loss_rows.view(loss_shape).reshape(() if squeeze else loss_shape)
-    elif reduction == "sum":
-        loss = loss_rows.sum()
-    else:
-        loss = loss_rows.sum() / denom  # 0 / 0 = NaN when every target is ignored, as in torch
-    if compute_grad and input.ndim > 2:
-        grad = grad.view(xr.shape).movedim(-1, 1)
-    elif compute_grad and squeeze:
-        grad = grad.squeeze(0)
-    return to_dtype(loss, input.dtype), grad
-
-
 def forward(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, z_loss=0.0, want_lse=False, inplace=False):
-    """``(loss, grad, lse)``: the reduced loss, d(loss)/d(input) for a unit grad_output, the per-element log-sum-exp.
+    """``(loss, saved, lse)``: the reduced loss, what the backward needs, the per-element log-sum-exp.
 
-    Arguments are validated by :mod:`fastsoftmax.validation` except the
-    class indices, which the backend checks before its kernel runs. ``grad``
-    is empty unless ``compute_grad``; in the compute dtype (float32 for half
-    inputs on the CPU), laid out like ``input``, and, with ``inplace``,
-    written into ``input`` itself. ``lse`` (the loss's unreduced shape) is
-    empty unless ``want_lse``. ``z_loss`` adds ``z_loss * lse**2`` per kept
-    element (a mean over their number).
+    ``saved`` is d(loss)/d(input) for a unit grad_output (empty unless
+    ``compute_grad``; in the compute dtype, float32 for half inputs on the
+    CPU; laid out like ``input``; with ``inplace``, written into ``input``
+    itself), or, on CUDA, the row statistics from which the backward rebuilds
+    the gradient (:mod:`.cross_entropy_cuda`). ``lse`` (the loss's unreduced
+    shape) is empty unless ``want_lse``. ``z_loss`` adds ``z_loss * lse**2``
+    per kept element (a mean over their number). Arguments are validated by
+    :mod:`fastsoftmax.validation` except the class indices, which the
+    backend checks before its kernel runs.
     """
     prob = is_prob_target(input, target)
     n_classes = input.shape[0 if input.ndim == 1 else 1]
     if n_classes == 0:
         return _no_classes(input, target, ignore_index, reduction, label_smoothing, compute_grad, want_lse, prob)
-    if not input.is_cuda:
+    dev = device(input)
+    if dev.name == "cpu":
         return _forward_cpu(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, compute_grad, want_lse, inplace)
-    if z_loss or want_lse:
-        loss, grad, lse = forward_torch_ops(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, z_loss, want_lse)
-    else:
-        loss, grad = _forward_cuda(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad)
-        lse = input.new_empty((0,))
+    if cuda_design.rebuilds_gradient(dev, z_loss, want_lse):
+        loss_shape = _loss_shape(input, "none")
+        loss, saved = cuda_design.forward_stats(dev, input, target, weight, ignore_index, reduction, label_smoothing, prob, loss_shape)
+        return loss, saved, input.new_empty((0,))
+    loss, grad, lse = forward_torch_ops(input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, z_loss, want_lse)
     if compute_grad and inplace:
         input.copy_(grad)
         grad = input
@@ -338,8 +305,11 @@ def cross_entropy_op(
 @cross_entropy_op.register_fake
 def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, compute_grad, return_lse):
     loss = input.new_empty(_loss_shape(input, reduction))
-    compute = device(input).compute_dtype(input.dtype)
+    dev = device(input)
+    compute = dev.compute_dtype(input.dtype)
     lse = input.new_empty(_loss_shape(input, "none") if return_lse else (0,), dtype=compute)
+    if cuda_design.rebuilds_gradient(dev, z_loss, return_lse):
+        return loss, cuda_design.stats_fake(input), lse
     return loss, _grad_fake(input, compute_grad), lse
 
 
@@ -356,27 +326,80 @@ def _(grad, grad_output, input_dtype):
     return torch.empty_like(grad, dtype=input_dtype)
 
 
-def _setup_context(ctx, inputs, output):
-    input, target, weight, ignore_index, reduction, label_smoothing, z_loss, compute_grad, _ = inputs
+@custom_op("fastsoftmax::cross_entropy_grad", mutates_args=(), device_types=("cpu", "cuda"))
+def cross_entropy_grad_op(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    saved: Tensor,
+    grad_output: Tensor,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+) -> Tensor:
+    """The CUDA backward (:func:`.cross_entropy_cuda.grad_from_stats`); ``saved`` is the forward op's statistics."""
+    dev = device(input)
+    if not cuda_design.rebuilds_gradient(dev):
+        raise NotImplementedError("fastsoftmax: on the CPU the cross_entropy forward saves the gradient; use cross_entropy_backward")
+    reduction = validation.reduction_of(reduction)
+    prob, ignore_index, eps = validation.check_cross_entropy(input, target, weight, ignore_index, label_smoothing)
+    rows = cuda_design.n_rows(input)
+    if saved.shape != (rows + 1, cuda_design.STATS_COLUMNS) or saved.dtype != cuda_design.acc_dtype(input.dtype):
+        raise ShapeError(f"fastsoftmax: cross_entropy_grad: saved statistics of shape {list(saved.shape)} do not fit the input")
+    validation.check_grad_output(input, grad_output, rows, "cross_entropy_grad")
+    return cuda_design.grad_from_stats(dev, input, target, weight, saved, grad_output, ignore_index, reduction, eps, prob)
+
+
+@cross_entropy_grad_op.register_fake
+def _(input, target, weight, saved, grad_output, ignore_index, reduction, label_smoothing):
+    return empty_moved(input, 0 if input.ndim == 1 else 1, input.dtype)
+
+
+def _save(ctx, input, target, weight, saved, ignore_index, reduction, label_smoothing, z_loss, want_lse, keep_input=True):
+    """Keep what the device's backward needs: the gradient (CPU), or the statistics (CUDA), with the logits and targets.
+
+    The input is kept in both cases: double backward recomputes the loss from it.
+    """
     ctx.input_dtype = input.dtype
-    ctx.compute_grad = compute_grad
+    ctx.rebuild = cuda_design.rebuilds_gradient(device(input), z_loss, want_lse)
     ctx.args = (ignore_index, reduction, label_smoothing, z_loss)
+    ctx.save_for_backward(saved, input if keep_input else None, target, weight)
+
+
+def _backward(ctx, grad_output, function: bool):
+    """The input's gradient: rebuilt (CUDA), the saved one scaled (CPU), or, under create_graph, in torch ops."""
+    saved, input, target, weight = ctx.saved_tensors
+    ignore_index, reduction, label_smoothing, z_loss = ctx.args
+    if torch.is_grad_enabled():
+        if input is None:
+            _double_backward_needs_input()
+        return backward_graph(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, grad_output)
+    if ctx.rebuild:
+        if function:
+            prob = is_prob_target(input, target)
+            args = (ignore_index, reduction, label_smoothing, prob)
+            return cuda_design.grad_from_stats(device(input), input, target, weight, saved, grad_output, *args)
+        return cross_entropy_grad_op(input, target, weight, saved, grad_output, ignore_index, reduction, label_smoothing)
+    if function:
+        if saved.dtype == ctx.input_dtype and is_unit(grad_output):
+            return saved
+        return backward(saved, grad_output, ctx.input_dtype, inplace=getattr(ctx, "inplace", False))
+    return cross_entropy_backward_op(saved, grad_output, ctx.input_dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    input, target, weight, ignore_index, reduction, label_smoothing, z_loss, compute_grad, return_lse = inputs
+    ctx.compute_grad = compute_grad
     ctx.mark_non_differentiable(output[1], output[2])
-    ctx.save_for_backward(output[1], input, target, weight)
+    _save(ctx, input, target, weight, output[1], ignore_index, reduction, label_smoothing, z_loss, return_lse)
 
 
-def _autograd_backward(ctx, grad_loss, _grad_of_grad, _grad_of_lse):
+def _autograd_backward(ctx, grad_loss, _grad_of_saved, _grad_of_lse):
     if not ctx.compute_grad:
         raise RuntimeError(
             "fastsoftmax: cross_entropy was called with compute_grad=False, so it kept no gradient to propagate"
         )
-    grad, input, target, weight = ctx.saved_tensors
-    if torch.is_grad_enabled():
-        ignore_index, reduction, label_smoothing, z_loss = ctx.args
-        dx = backward_graph(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, grad_loss)
-    else:
-        dx = cross_entropy_backward_op(grad, grad_loss, ctx.input_dtype)
-    return dx, None, None, None, None, None, None, None, None
+    return _backward(ctx, grad_loss, function=False), None, None, None, None, None, None, None, None
 
 
 cross_entropy_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -413,18 +436,15 @@ class CrossEntropyCore(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, z_loss=0.0, return_lse=False, inplace_backward=False):
         compute_grad = ctx.needs_input_grad[0]
-        inplace = bool(inplace_backward) and compute_grad
-        saved_input = input if not inplace else None
-        loss, grad, lse = forward(
+        inplace = bool(inplace_backward) and compute_grad and not input.is_cuda
+        loss, saved, lse = forward(
             input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, z_loss, return_lse, inplace
         )
         if inplace:
             # the input now holds the gradient: any other node that saved it must fail loudly, not read it
             torch.autograd.graph.increment_version(input)
-        ctx.input_dtype = input.dtype
         ctx.inplace = inplace
-        ctx.args = (ignore_index, reduction, label_smoothing, z_loss)
-        ctx.save_for_backward(grad, saved_input, target, weight)
+        _save(ctx, input, target, weight, saved, ignore_index, reduction, label_smoothing, z_loss, return_lse, not inplace)
         if return_lse:
             ctx.mark_non_differentiable(lse)
             return loss, lse
@@ -432,16 +452,7 @@ class CrossEntropyCore(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, *_grad_of_lse):
-        grad, input, target, weight = ctx.saved_tensors
-        none = (None,) * 8
-        if torch.is_grad_enabled():
-            if ctx.inplace:
-                _double_backward_needs_input()
-            ignore_index, reduction, label_smoothing, z_loss = ctx.args
-            return (backward_graph(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, grad_output), *none)
-        if grad.dtype == ctx.input_dtype and is_unit(grad_output):
-            return (grad, *none)
-        return (backward(grad, grad_output, ctx.input_dtype, inplace=ctx.inplace), *none)
+        return (_backward(ctx, grad_output, function=True),) + (None,) * 8
 
 
 class CrossEntropyFunction(CrossEntropyCore):

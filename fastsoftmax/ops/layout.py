@@ -13,6 +13,8 @@ kernels, the dtype they compute in, the allocator of outputs and the view of
 a tensor that the backend takes.
 """
 
+import contextlib
+import functools
 import math
 
 import torch
@@ -71,10 +73,24 @@ class _CPU:
 
 
 class _CUDA:
+    """CUDA tensors: the torch-free :mod:`fastsoftmax.backends.cuda`, on torch's current stream.
+
+    Tensors reach the backend as numba device arrays over the same memory
+    (:meth:`array`: no copy, no stream synchronisation; bfloat16 as its
+    ``uint16`` bits), and each launch goes to the current torch stream of
+    the arrays' device (:func:`launch_scope`). The kernels read and write
+    every float dtype natively.
+    """
+
     name = "cuda"
 
     @staticmethod
     def backend():
+        return _CudaRows
+
+    @staticmethod
+    def kernels():
+        """The torch-free backend itself, for the ops that pass streams themselves (cross-entropy)."""
         from ..backends import cuda
 
         return cuda
@@ -89,11 +105,55 @@ class _CUDA:
 
     @staticmethod
     def array(t: torch.Tensor):
-        return t
+        """The numba device array over ``t``'s memory (bfloat16 as ``uint16``; no array interface knows it)."""
+        from numba import cuda
+
+        t = t.detach()
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.uint16)
+        with torch.cuda.device(t.device):
+            return cuda.as_cuda_array(t, sync=False)
 
     @staticmethod
     def middle_shape(x: torch.Tensor, dim: int):
         return None
+
+
+@contextlib.contextmanager
+def launch_scope(array):
+    """Run launches for ``array`` (from :meth:`_CUDA.array`) on its device, on torch's current stream there.
+
+    Yields the numba stream to launch on; ``0`` for arrays that belong to no
+    device (NumPy arrays in the CUDA simulator).
+    """
+    gpu_data = getattr(array, "gpu_data", None)
+    if gpu_data is None:
+        yield 0
+        return
+    index = gpu_data.context.device.id
+    with torch.cuda.device(index):
+        yield _external_stream(index, torch.cuda.current_stream(index).cuda_stream)
+
+
+@functools.lru_cache(maxsize=64)
+def _external_stream(index: int, handle: int):
+    from numba import cuda
+
+    return cuda.external_stream(handle)
+
+
+class _CudaRows:
+    """The CUDA backend with the CPU backend's row-kernel signatures (what :mod:`.softmax` calls)."""
+
+    @staticmethod
+    def softmax_forward(x, y, log: bool) -> None:
+        with launch_scope(x) as stream:
+            _CUDA.kernels().softmax_forward(x, y, log, stream)
+
+    @staticmethod
+    def softmax_backward(y, dy, dx, log: bool) -> None:
+        with launch_scope(y) as stream:
+            _CUDA.kernels().softmax_backward(y, dy, dx, log, stream)
 
 
 def device(x: torch.Tensor):

@@ -1,0 +1,174 @@
+"""CUDA with no GPU: every kernel built as numba-cuda builds it at run time and gated, and the simulator.
+
+Three processes start together on the first test here and the tests wait
+for what they need: two halves of ``cuda_gates.py`` (each kernel compiled
+once and linked with nvJitLink and link-time optimisation for sm_90a and
+sm_80) and ``cuda_sim_driver.py --torch`` (the kernels and the torch side
+in numba-cuda's simulator). The gates, per kernel and architecture:
+
+* no spills and no stack: 0 bytes of spill stores and loads, a 0-byte stack
+  frame (from ptxas's report and, for the frame, the cubin itself), and no
+  local memory in the PTX: the rows kept "in registers" are in registers;
+* registers within the budget of its launch bounds
+  (:func:`fastsoftmax.kernels.cuda.register_budget`: 128, or 64 for the
+  1024-thread kernels), the bounds declared in its PTX;
+* no float64 instruction unless it is a float64 kernel (opcodes of the
+  post-LTO PTX, sm_90a);
+* 128-bit loads (and stores, where it writes rows) in every row kernel;
+* a name that says op, dtype and launch shape.
+
+``cuda_gate_controls.py`` holds one kernel built to fail each gate; they are
+built with the others and must fail.
+
+Reports are kept in ``~/.cache/fastsoftmax/cuda-gates`` under a digest of
+the kernels' and the gate tools' sources and the compilers' versions, so an
+unchanged tree is not rebuilt (about a minute of the two cores otherwise);
+``FASTSOFTMAX_GATES_CACHE=0`` rebuilds every time, any other value names the
+folder.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+
+try:
+    from fastsoftmax.kernels import cuda as kernels
+    from fastsoftmax.kernels.cuda_codec import SHORT
+except ImportError:  # pragma: no cover - numba-cuda missing
+    kernels = None
+
+pytestmark = pytest.mark.skipif(kernels is None, reason="numba-cuda is not installed")
+
+KERNELS = {kernels.spec(family, *args)[0]: (family, args) for family, args in kernels.all_kernels()} if kernels else {}
+SHARDS = 2
+
+#: Families whose kernels read rows (128-bit loads expected) and write rows (128-bit stores expected).
+READS_ROWS = {"softmax_fwd", "softmax_bwd", "ce_fwd", "ce_bwd", "ce_prob_fwd", "ce_prob_bwd"}
+WRITES_ROWS = {"softmax_fwd", "softmax_bwd", "ce_bwd", "ce_prob_bwd"}
+MODULES = {"softmax_fwd": "cuda_softmax", "softmax_bwd": "cuda_softmax", "ce_finish": "cuda_ce_finish", "ce_check_targets": "cuda_ce_finish"}
+
+
+class Background:
+    """The gate shards and the simulator, started together."""
+
+    def __init__(self, tmp: Path):
+        self.paths = [tmp / f"gates{i}.json" for i in range(SHARDS)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        cache = os.environ.get("FASTSOFTMAX_GATES_CACHE", str(Path.home() / ".cache" / "fastsoftmax" / "cuda-gates"))
+        gate = [sys.executable, str(HERE / "cuda_gates.py")] + (["--cache", cache] if cache != "0" else [])
+        self.gates = [
+            subprocess.Popen(
+                gate + ["--shard", f"{i}/{SHARDS}", "--json", str(path)] + (["--controls"] if i == SHARDS - 1 else []),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE, env=env,
+            )
+            for i, path in enumerate(self.paths)
+        ]
+        self.sim = subprocess.Popen(
+            [sys.executable, str(HERE / "cuda_sim_driver.py"), "--torch"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE,
+            env=dict(env, NUMBA_ENABLE_CUDASIM="1"),
+        )
+        self._report = None
+
+    def simulator(self):
+        out, _ = self.sim.communicate(timeout=900)
+        return self.sim.returncode, out
+
+    def report(self) -> dict:
+        if self._report is None:
+            merged = {}
+            for proc, path in zip(self.gates, self.paths):
+                out, _ = proc.communicate(timeout=900)
+                assert proc.returncode == 0, out[-4000:]
+                merged.update(json.loads(path.read_text()))
+            self._report = merged
+        return self._report
+
+    def close(self):
+        for proc in self.gates + [self.sim]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def background(tmp_path_factory):
+    bg = Background(tmp_path_factory.mktemp("cuda"))
+    yield bg
+    bg.close()
+
+
+def test_simulator_runs_every_kernel_and_the_torch_side(background):
+    """Every launch shape, aligned and unaligned rows, every dtype (bfloat16 too), the shuffle reductions
+    with real 32-lane warps, two warps a block and partial last blocks; then the CUDA design's torch side."""
+    code, out = background.simulator()
+    assert code == 0, out[-6000:]
+    assert "all simulator checks passed" in out
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_kernel_passes_the_gates(background, name):
+    family, args = KERNELS[name]
+    r = background.report()[name]
+    budget = kernels.register_budget(r["max_threads"])
+    for arch, got in r["archs"].items():
+        res, cubin = got["resources"], got["cubin"]
+        assert res["spill_stores"] == res["spill_loads"] == 0, f"{arch}: spills {res}"
+        assert res["stack_frame"] == res["cumulative_stack"] == cubin["frame_size"] == 0, f"{arch}: stack {res} {cubin}"
+        assert res["registers"] == cubin["registers"] <= budget, f"{arch}: {res['registers']} registers, budget {budget}"
+    ptx = r["ptx"]
+    assert ptx["declared_bounds"] == list(kernels.launch_bounds(r["max_threads"]))
+    assert not ptx["local"], ptx["local"][:5]
+    if "float64" not in args:
+        assert not ptx["f64"], f"float64 instructions in a {args[0]} kernel: {ptx['f64']}"
+    loads = {op for op, kind, bits in ptx["vector"] if kind == "ld" and bits == 128}
+    stores = {op for op, kind, bits in ptx["vector"] if kind == "st" and bits == 128}
+    assert bool(loads) == (family in READS_ROWS), ptx["vector"]
+    assert bool(stores) == (family in WRITES_ROWS), ptx["vector"]
+    module = MODULES.get(family, "cuda_cross_entropy")
+    assert r["readable"] == f"fastsoftmax.kernels.{module}.{name}"  # the entry point a profiler shows
+    assert name.startswith(_op_and_dtype(family, args))
+
+
+def _op_and_dtype(family, args) -> str:
+    """What a kernel's name must start with: op, direction, dtype, launch shape."""
+    if family.startswith("softmax"):
+        dtype, log, shape = args
+        return f"{'log_' if log else ''}{family}_{SHORT[dtype]}_{shape}"
+    if family == "ce_check_targets":
+        return family
+    return "_".join([family, SHORT[args[0]], *args[1:]])
+
+
+def test_the_controls_fail_their_gates(background):
+    """A kernel in float32 with ``-math.inf``, a dynamically indexed local array, scalar loads, too many live values."""
+    report = background.report()
+    promoted = report["control_promoted_to_float64"]["ptx"]["f64"]
+    assert "fma.rn.f64" in promoted and "cvt.f64.f32" in promoted
+    assert report["control_local_array"]["ptx"]["local"]
+    assert not [v for v in report["control_scalar_loads"]["ptx"]["vector"] if v[2] == 128]
+    for arch in ("sm_90a", "sm_80"):
+        res = report["control_spilling"]["archs"][arch]["resources"]
+        assert res["spill_stores"] > 0 and res["stack_frame"] > 0
+
+
+def test_every_planned_kernel_is_gated():
+    """The plans pick only kernels the gates built, for every dtype and row length from 1 to 2**20."""
+    lengths = sorted({1, 2, 3, 31, 1000, 1023, 1024, 1025, 4096, 6144, 8192, 16384, 24576, 32768, 32769, 1 << 20}
+                     | {2**k + d for k in range(4, 20) for d in (-1, 0, 1)})
+    wanted = set(kernels.all_kernels())
+    for dtype in kernels.DTYPES:
+        for n_cols in lengths:
+            for log in (False, True):
+                for backward in (False, True):
+                    shape = kernels.softmax_plan(n_cols, dtype, log, backward)[0]
+                    assert ("softmax_bwd" if backward else "softmax_fwd", (dtype, log, shape)) in wanted
+            shape = kernels.ce_plan(n_cols, dtype)[0]
+            for family in ("ce_fwd", "ce_bwd", "ce_prob_fwd", "ce_prob_bwd"):
+                assert (family, (dtype, shape)) in wanted
