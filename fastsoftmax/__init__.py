@@ -28,10 +28,11 @@ _LAZY = {
     "LogSoftmaxFunction": "fastsoftmax.ops.softmax",
     "CrossEntropyFunction": "fastsoftmax.ops.cross_entropy",
     "empty_cache": "fastsoftmax.ops.pool",
+    "vocab_parallel_cross_entropy": "fastsoftmax.distributed",
 }
 
 #: submodules reachable as attributes (``fastsoftmax.nn.CrossEntropyLoss``)
-_SUBMODULES = {"nn", "functional", "ops", "errors", "validation", "backends", "kernels"}
+_SUBMODULES = {"nn", "functional", "ops", "errors", "validation", "backends", "kernels", "distributed"}
 
 _ALIASES = {"naive": "fastsoftmax.apps.naive"}
 

@@ -1,0 +1,213 @@
+"""The cases of tests/test_distributed.py and the worker process that runs them on one rank of a gloo group.
+
+Every case is built from fixed seeds, so the test process (which computes
+the single-process reference) and each worker build the same tensors. One
+launch of :data:`WORLD` workers runs every case in the same order on each
+rank and saves, per case, the rank's loss and gradient slice, or the
+exception it raised.
+"""
+
+import dataclasses
+import datetime
+import os
+import sys
+import traceback
+from typing import Optional
+
+import torch
+
+WORLD = 2
+NAN, INF = float("nan"), float("inf")
+
+
+def logits(*shape, dtype=torch.float32, seed=0, scale=3.0, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale + shift).to(dtype)
+
+
+def targets(n, n_classes, seed=0, ignored=(), low=0):
+    g = torch.Generator().manual_seed(seed + 1000)
+    t = torch.randint(low, n_classes, (n,), generator=g)
+    t[list(ignored)] = -100
+    return t
+
+
+def weights(n_classes, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed + 2000)
+    return (torch.rand(n_classes, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+
+
+@dataclasses.dataclass
+class Case:
+    logits: torch.Tensor  # all the classes, last
+    target: torch.Tensor
+    widths: tuple = (7, 13)
+    starts: Optional[tuple] = None  # each rank's vocab_start; None: rank order, vocab_start not passed
+    weight: Optional[torch.Tensor] = None
+    kw: dict = dataclasses.field(default_factory=dict)
+    grad_output: str = "ones"  # "ones", "random" (a random scalar, or one value per row for reduction="none"), "none" (no grad)
+    torch_ops: bool = False  # the CUDA path's torch-op passes
+    compiled: bool = False  # under torch.compile(fullgraph=True)
+    bad_weight_rank: Optional[int] = None  # this rank passes a weight of the wrong length
+    opcheck: bool = False
+
+    def start(self, rank):
+        return self.starts[rank] if self.starts and self.starts[rank] is not None else sum(self.widths[:rank])
+
+    def shard(self, t, rank):
+        return t[..., self.start(rank) : self.start(rank) + self.widths[rank]]
+
+    def grad_out(self, loss_shape):
+        if self.grad_output == "random":
+            g = torch.Generator().manual_seed(7)
+            return (torch.rand(loss_shape, generator=g, dtype=torch.float64) + 0.5).to(self.logits.dtype)
+        return torch.ones(loss_shape, dtype=self.logits.dtype)
+
+
+def _bad_rows(dtype=torch.float32):
+    """Rows torch makes NaN or inf, placed across the two slices (classes 0-6 on rank 0, 7-19 on rank 1)."""
+    x = logits(9, 20, dtype=dtype, seed=5)
+    x[0, 2] = NAN  # NaN on rank 0 only
+    x[1, 15] = INF  # +inf on rank 1 only
+    x[2, :] = -INF  # only -inf, both ranks
+    x[3, :7] = -INF  # rank 0's slice only -inf, rank 1's finite
+    x[4, 10] = -INF  # the target's logit is -inf: loss inf
+    x[5, 3] = NAN  # as row 0, ignored
+    x[6, :] = -INF  # as row 2, ignored
+    x[7, 7:] = -INF  # rank 1's slice only -inf
+    x[8, 8] = NAN
+    x[8, :7] = -INF  # rank 0 only -inf, rank 1 holds a NaN
+    return x
+
+
+def cases() -> dict:
+    t16 = targets(16, 20, ignored=(3, 11))
+    t_bad = torch.tensor([1, 2, 3, 4, 10, -100, -100, 12, 5])
+    found = {}
+    for dtype, tag in ((torch.float32, "f32"), (torch.float64, "f64")):
+        x = logits(16, 20, dtype=dtype, seed=1)
+        w = weights(20, dtype)
+        found.update({
+            f"{tag} uneven 7+13, mean": Case(x, t16),
+            f"{tag} weights, sum": Case(x, t16, weight=w, kw=dict(reduction="sum")),
+            f"{tag} smoothing, mean, grad_output 0.7": Case(x, t16, kw=dict(label_smoothing=0.1), grad_output="random"),
+            f"{tag} weights and smoothing, mean": Case(x, t16, weight=w, kw=dict(label_smoothing=0.25)),
+            f"{tag} none, per-row grad_output, weights, smoothing": Case(
+                x, t16, weight=w, kw=dict(reduction="none", label_smoothing=0.1), grad_output="random"
+            ),
+            f"{tag} rank 0 holds none of the targets": Case(x, targets(16, 20, seed=3, low=7), weight=w, kw=dict(label_smoothing=0.1)),
+            f"{tag} rank 1 holds none of the targets": Case(x, targets(16, 7, seed=4), kw=dict(reduction="sum")),
+            f"{tag} vocab_start reversed (rank 0 holds 13-19)": Case(
+                x, t16, widths=(7, 13), starts=(13, 0), weight=w, kw=dict(label_smoothing=0.1, reduction="none"), grad_output="random"
+            ),
+            f"{tag} rank 0 holds no classes": Case(x, t16, widths=(0, 20), weight=w, kw=dict(label_smoothing=0.1)),
+            f"{tag} ignore_index 5 (a real class)": Case(x, t16.clamp(min=0), kw=dict(ignore_index=5, reduction="sum")),
+            f"{tag} non-finite rows, none": Case(_bad_rows(dtype), t_bad, kw=dict(reduction="none")),
+            f"{tag} non-finite rows, weights, smoothing, sum": Case(_bad_rows(dtype), t_bad, weight=w, kw=dict(reduction="sum", label_smoothing=0.1)),
+            f"{tag} large logits (1e4), smoothing": Case(logits(16, 20, dtype=dtype, seed=2, shift=1e4), t16, kw=dict(label_smoothing=0.1)),
+            f"{tag} torch ops, weights, smoothing, none": Case(
+                x, t16, weight=w, kw=dict(reduction="none", label_smoothing=0.1), grad_output="random", torch_ops=True
+            ),
+            f"{tag} torch ops, non-finite rows, smoothing, mean": Case(_bad_rows(dtype), t_bad, kw=dict(label_smoothing=0.1), torch_ops=True),
+            f"{tag} torch ops, rank 0 holds no classes": Case(x, t16, widths=(0, 20), kw=dict(reduction="sum"), torch_ops=True),
+        })
+    x = logits(16, 20, seed=1)
+    w = weights(20)
+    found.update({
+        "all ignored, mean (NaN)": Case(x, torch.full((16,), -100), kw=dict(label_smoothing=0.1)),
+        "all ignored, sum": Case(x, torch.full((16,), -100), kw=dict(reduction="sum")),
+        "zero kept weight, mean (NaN gradient)": Case(x, torch.zeros(16, dtype=torch.long), weight=w.index_fill(0, torch.tensor([0]), 0.0)),
+        "empty batch, mean": Case(logits(0, 20), torch.zeros(0, dtype=torch.long)),
+        "empty batch, none": Case(logits(0, 20), torch.zeros(0, dtype=torch.long), kw=dict(reduction="none")),
+        "(B, T, V_r) logits, none": Case(logits(3, 5, 20, seed=6), targets(15, 20, ignored=(4,)).view(3, 5), kw=dict(reduction="none"), grad_output="random"),
+        "uint8 targets": Case(x, targets(16, 20).to(torch.uint8), kw=dict(reduction="sum")),
+        "bfloat16 logits, weights": Case(x.bfloat16(), t16, weight=w.bfloat16(), kw=dict(label_smoothing=0.1)),
+        "no grad: loss only": Case(x, t16, weight=w, kw=dict(label_smoothing=0.1), grad_output="none"),
+        "long rows (2x 3000 classes, several blocks)": Case(logits(6, 6000, seed=9), targets(6, 6000, ignored=(2,)), widths=(2500, 3500), kw=dict(label_smoothing=0.1)),
+        "torch.compile fullgraph": Case(
+            x, t16, weight=w, kw=dict(reduction="none", label_smoothing=0.1), compiled=True, grad_output="random"
+        ),
+        "opcheck": Case(x.double(), t16, weight=w.double(), kw=dict(label_smoothing=0.1), opcheck=True),
+        # errors, raised on both ranks
+        "target out of range": Case(x, t16.index_fill(0, torch.tensor([5]), 20)),
+        "negative target": Case(x, t16.index_fill(0, torch.tensor([2]), -3)),
+        "slices with a gap": Case(x, t16, widths=(7, 12), starts=(0, 8)),
+        "overlapping slices": Case(x, t16, starts=(0, 6)),
+        "vocab_start on one rank only": Case(x, t16, starts=(0, None)),
+        "rank 1 passes a weight of the wrong length": Case(x, t16, weight=w, bad_weight_rank=1),
+        "reduction avg": Case(x, t16, kw=dict(reduction="avg")),
+    })
+    return found
+
+
+def run_case(case: Case, rank: int):
+    """``(loss, gradient slice)`` of ``case`` on this rank (the gradient None without one)."""
+    import fastsoftmax
+    from fastsoftmax import distributed
+
+    distributed._TORCH_OPS = case.torch_ops
+    x = case.shard(case.logits, rank).clone().requires_grad_(case.grad_output != "none")
+    w = None if case.weight is None else case.shard(case.weight, rank)
+    if case.bad_weight_rank == rank:
+        w = w[:-1]
+    kw = dict(case.kw, weight=w)
+    if case.starts is not None:
+        kw["vocab_start"] = case.starts[rank]
+    if case.opcheck:
+        kw.pop("weight")
+        args = (x, case.target, w, distributed._group_name(None), None, -100, "mean", kw["label_smoothing"], True)
+        torch.library.opcheck(distributed.vocab_parallel_op, args)
+        return torch.zeros(()), None
+
+    def loss_of(xx):
+        return fastsoftmax.vocab_parallel_cross_entropy(xx, case.target, **kw)
+
+    fn = torch.compile(loss_of, fullgraph=True, backend="aot_eager") if case.compiled else loss_of
+    loss = fn(x)
+    if case.grad_output == "none":
+        return loss.detach(), None
+    (grad,) = torch.autograd.grad(loss, x, case.grad_out(loss.shape))
+    return loss.detach(), grad
+
+
+def _poison_outputs():
+    """As tests/conftest.py: every output buffer starts as NaN, so an element a kernel forgets to write shows."""
+    from fastsoftmax.ops import layout
+
+    real_empty = layout._CPU.empty
+
+    def poisoned(shape, dtype, device=None):
+        out = real_empty(shape, dtype, device)
+        if out.is_floating_point():
+            out.fill_(NAN)
+        return out
+
+    layout._CPU.empty = staticmethod(poisoned)
+
+
+def main(rank: int, store: str, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    _poison_outputs()
+    results = {}
+    try:
+        for name, case in cases().items():
+            try:
+                results[name] = run_case(case, rank)
+            except Exception as error:  # the test process checks which, and that every rank raised
+                error.__traceback__ = None
+                results[name] = error
+    finally:
+        torch.save(results, out)
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(int(sys.argv[1]), sys.argv[2], sys.argv[3])
+    except Exception:
+        traceback.print_exc()
+        sys.exit(1)

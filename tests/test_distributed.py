@@ -1,0 +1,151 @@
+"""Vocabulary-parallel cross-entropy on 2 real processes over gloo, against fastsoftmax.cross_entropy on the whole logits.
+
+One launch of two worker processes (tests/distributed_worker.py) runs every
+case; each test here compares one case's loss (the same on both ranks, to
+the bit) and each rank's gradient slice with the single-process result on
+the concatenated logits, or checks that both ranks raised.
+"""
+
+import math
+import multiprocessing
+import warnings
+
+import pytest
+import torch
+from distributed_worker import WORLD, cases, run_case
+
+import fastsoftmax
+from fastsoftmax import errors
+
+CASES = cases()
+
+# (rtol, atol as a fraction of the largest reference element): the sums of
+# exponentials are regrouped by rank, so results match to rounding, not to
+# the bit; a gradient element that cancels (A p_t - w_t near p_t = 1) is
+# judged against the gradient's scale, not its own size.
+TOLERANCE = {torch.float32: (1e-6, 1e-6), torch.float64: (1e-12, 1e-12), torch.bfloat16: (1.6e-2, 1e-3)}
+
+ERRORS = {
+    "target out of range": (IndexError, IndexError),
+    "negative target": (IndexError, IndexError),
+    "slices with a gap": (errors.ArgumentError, errors.ArgumentError),
+    "overlapping slices": (errors.ArgumentError, errors.ArgumentError),
+    "vocab_start on one rank only": (errors.ArgumentError, errors.ArgumentError),
+    # rank 1 raises its own error; rank 0 learns of it from the first collective instead of waiting
+    "rank 1 passes a weight of the wrong length": (errors.ArgumentError, errors.ShapeError),
+    "reduction avg": (errors.ArgumentError, errors.ArgumentError),
+}
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Every case's result on each rank: ``[{name: (loss, grad) or exception}, ...]``, from one launch."""
+    folder = tmp_path_factory.mktemp("gloo")
+    context = multiprocessing.get_context("spawn")
+    from distributed_worker import main
+
+    outs = [folder / f"rank{r}.pt" for r in range(WORLD)]
+    procs = [context.Process(target=main, args=(r, str(folder / "store"), str(outs[r]))) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung, "a worker did not finish: a collective hung"
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return [torch.load(out, weights_only=False) for out in outs]
+
+
+def _reference(case):
+    """The single-process loss and gradient on the concatenated logits, split into the ranks' slices."""
+    x = case.logits.clone().requires_grad_(case.grad_output != "none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = fastsoftmax.cross_entropy(
+            x.movedim(-1, 1) if x.ndim > 2 else x, case.target, weight=case.weight, **case.kw
+        )
+    if case.grad_output == "none":
+        return loss.detach(), [None] * len(case.widths)
+    (grad,) = torch.autograd.grad(loss, x, case.grad_out(loss.shape))
+    return loss.detach(), [case.shard(grad, r) for r in range(len(case.widths))]
+
+
+def _close(actual, expected, dtype):
+    rtol, scale = TOLERANCE[dtype]
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    assert torch.equal(torch.isnan(actual), torch.isnan(expected)), "NaN placement differs"
+    finite = expected[torch.isfinite(expected)]
+    atol = scale * float(finite.abs().max()) if finite.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True)
+
+
+VALUE_CASES = [n for n in CASES if n not in ERRORS and not CASES[n].opcheck]
+
+
+@pytest.mark.parametrize("name", VALUE_CASES)
+def test_same_loss_and_gradient_slices_as_one_process(ranks, name):
+    case = CASES[name]
+    results = [ranks[r][name] for r in range(WORLD)]
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    loss, grads = _reference(case)
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0, equal_nan=True)  # the same bits on every rank
+    _close(results[0][0], loss, case.logits.dtype)
+    for r in range(WORLD):
+        if grads[r] is None:
+            assert results[r][1] is None
+        else:
+            _close(results[r][1], grads[r], case.logits.dtype)
+
+
+@pytest.mark.parametrize("name", list(ERRORS))
+def test_every_rank_raises(ranks, name):
+    for r in range(WORLD):
+        assert isinstance(ranks[r][name], ERRORS[name][r]), (r, repr(ranks[r][name]))
+
+
+def test_error_messages_name_the_problem(ranks):
+    assert "Target 20 is out of bounds" in str(ranks[0]["target out of range"])
+    assert "class 7 is in no slice" in str(ranks[1]["slices with a gap"])
+    assert "class 6 is in two slices" in str(ranks[0]["overlapping slices"])
+    assert "rank(s) [1]" in str(ranks[0]["rank 1 passes a weight of the wrong length"])
+
+
+def test_opcheck_passed_on_both_ranks(ranks):
+    for r in range(WORLD):
+        result = ranks[r]["opcheck"]
+        if isinstance(result, BaseException):
+            raise result
+
+
+def test_reference_catches_a_wrong_slice(ranks):
+    """The comparison can fail: rank 1's gradient slice against rank 0's reference slice."""
+    case = CASES["f32 uneven 7+13, mean"]
+    _, grads = _reference(case)
+    with pytest.raises(AssertionError):
+        _close(ranks[1]["f32 uneven 7+13, mean"][1][:, :7], grads[0], torch.float32)
+
+
+def test_without_init_process_group_it_says_so():
+    x = torch.randn(2, 3)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        fastsoftmax.vocab_parallel_cross_entropy(x, torch.tensor([0, 1]))
+
+
+def test_one_rank_in_process_is_the_single_process_kernel(tmp_path):
+    """A group of one: the same bits as fastsoftmax.cross_entropy (nothing is regrouped)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        case = CASES["f32 weights and smoothing, mean"]
+        case = type(case)(case.logits, case.target, widths=(20,), weight=case.weight, kw=case.kw)
+        loss, grad = run_case(case, 0)
+        ref_loss, ref_grads = _reference(case)
+        assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grads[0])
+    finally:
+        dist.destroy_process_group()
+    assert not math.isnan(float(loss))
