@@ -29,6 +29,7 @@ _LAZY = {
     "CrossEntropyFunction": "fastsoftmax.ops.cross_entropy",
     "empty_cache": "fastsoftmax.ops.pool",
     "vocab_parallel_cross_entropy": "fastsoftmax.distributed",
+    "vocab_parallel_linear_cross_entropy": "fastsoftmax.distributed",
 }
 
 #: submodules reachable as attributes (``fastsoftmax.nn.CrossEntropyLoss``)

@@ -64,6 +64,70 @@ class Case:
         return torch.ones(loss_shape, dtype=self.logits.dtype)
 
 
+@dataclasses.dataclass
+class LinearCase:
+    """Hidden states (the same on every rank) and the output layer ``(C, H)``, whose rows the ranks split."""
+
+    hidden: torch.Tensor
+    layer: torch.Tensor
+    target: torch.Tensor
+    widths: tuple = (7, 13)
+    starts: Optional[tuple] = None
+    bias: Optional[torch.Tensor] = None
+    weight: Optional[torch.Tensor] = None
+    kw: dict = dataclasses.field(default_factory=dict)
+    grad_output: str = "ones"
+    torch_ops: bool = False
+    chunk_rows: Optional[int] = None
+    bad_layer_rank: Optional[int] = None
+
+    start = Case.start
+    grad_out = Case.grad_out
+
+    @property
+    def logits(self):  # the dtype and the reference's logits
+        x = self.hidden @ self.layer.T
+        return x + self.bias if self.bias is not None else x
+
+    def rows(self, t, rank):
+        return t[self.start(rank) : self.start(rank) + self.widths[rank]]
+
+
+def _linear_cases() -> dict:
+    found = {}
+    t16 = targets(16, 20, ignored=(3, 11))
+    for dtype, tag in ((torch.float32, "f32"), (torch.float64, "f64")):
+        h = logits(16, 8, dtype=dtype, seed=11, scale=1.0)
+        layer = logits(20, 8, dtype=dtype, seed=12, scale=0.7)
+        b = logits(20, dtype=dtype, seed=13, scale=0.5)
+        w = weights(20, dtype)
+        found.update({
+            f"linear {tag} mean, chunks of 6 rows": LinearCase(h, layer, t16, chunk_rows=6),
+            f"linear {tag} bias, weights, smoothing, sum": LinearCase(h, layer, t16, bias=b, weight=w, kw=dict(reduction="sum", label_smoothing=0.1), chunk_rows=5),
+            f"linear {tag} none, per-row grad_output, bias, weights, smoothing": LinearCase(
+                h, layer, t16, bias=b, weight=w, kw=dict(reduction="none", label_smoothing=0.1), grad_output="random", chunk_rows=5
+            ),
+            f"linear {tag} mean, grad_output 0.7, one chunk": LinearCase(h, layer, t16, weight=w, kw=dict(label_smoothing=0.2), grad_output="random"),
+        })
+    h = logits(16, 8, seed=11, scale=1.0)
+    layer = logits(20, 8, seed=12, scale=0.7)
+    found.update({
+        "linear vocab_start reversed, none": LinearCase(h, layer, t16, starts=(13, 0), kw=dict(reduction="none"), grad_output="random", chunk_rows=7),
+        "linear torch ops, smoothing, none": LinearCase(h, layer, t16, kw=dict(reduction="none", label_smoothing=0.1), grad_output="random", torch_ops=True, chunk_rows=4),
+        "linear torch ops, weights, mean": LinearCase(h, layer, t16, weight=weights(20), torch_ops=True, chunk_rows=4),
+        "linear rank 0 holds none of the targets": LinearCase(h, layer, targets(16, 20, seed=3, low=7), chunk_rows=3),
+        "linear all ignored, mean (NaN)": LinearCase(h, layer, torch.full((16,), -100), chunk_rows=6),
+        "linear zero kept weight, mean (NaN gradient)": LinearCase(
+            h, layer, t16.clamp(max=0), weight=weights(20).index_fill(0, torch.tensor([0]), 0.0), chunk_rows=6
+        ),
+        "linear (B, T, H) hidden, sum": LinearCase(logits(2, 8, 8, seed=14, scale=1.0), layer, t16.view(2, 8), kw=dict(reduction="sum"), chunk_rows=5),
+        "linear no grad: loss only": LinearCase(h, layer, t16, kw=dict(label_smoothing=0.1), grad_output="none", chunk_rows=5),
+        "linear target out of range": LinearCase(h, layer, t16.index_fill(0, torch.tensor([9]), 20), chunk_rows=5),
+        "linear rank 1 passes a layer of the wrong hidden size": LinearCase(h, layer, t16, bad_layer_rank=1),
+    })
+    return found
+
+
 def _bad_rows(dtype=torch.float32):
     """Rows torch makes NaN or inf, placed across the two slices (classes 0-6 on rank 0, 7-19 on rank 1)."""
     x = logits(9, 20, dtype=dtype, seed=5)
@@ -137,15 +201,53 @@ def cases() -> dict:
         "rank 1 passes a weight of the wrong length": Case(x, t16, weight=w, bad_weight_rank=1),
         "reduction avg": Case(x, t16, kw=dict(reduction="avg")),
     })
+    found.update(_linear_cases())
     return found
+
+
+def run_linear_case(case: LinearCase, rank: int):
+    """``(loss, (grad of hidden, of the rank's rows of the layer, of its bias), most rows of logits made at once)``."""
+    import fastsoftmax
+    from fastsoftmax.distributed import linear, rows
+
+    rows.TORCH_OPS = case.torch_ops
+    made = []
+    real_logits = linear._logits
+
+    def logits_spy(h, lw, b):
+        made.append(h.shape[0])
+        return real_logits(h, lw, b)
+
+    linear._logits = logits_spy
+    try:
+        wants = case.grad_output != "none"
+        h = case.hidden.clone().requires_grad_(wants)
+        lw = case.rows(case.layer, rank).clone().requires_grad_(wants)
+        if case.bad_layer_rank == rank:
+            lw = lw[:, :-1]
+        b = None if case.bias is None else case.rows(case.bias, rank).clone().requires_grad_(wants)
+        w = None if case.weight is None else case.rows(case.weight, rank)
+        kw = dict(case.kw, weight=w, bias=b, chunk_rows=case.chunk_rows)
+        if case.starts is not None:
+            kw["vocab_start"] = case.starts[rank]
+        loss = fastsoftmax.vocab_parallel_linear_cross_entropy(h, lw, case.target, **kw)
+        if not wants:
+            return loss.detach(), None, max(made)
+        inputs = [h, lw] + ([b] if b is not None else [])
+        grads = torch.autograd.grad(loss, inputs, case.grad_out(loss.shape))
+        return loss.detach(), grads, max(made)
+    finally:
+        linear._logits = real_logits
 
 
 def run_case(case: Case, rank: int):
     """``(loss, gradient slice)`` of ``case`` on this rank (the gradient None without one)."""
+    if isinstance(case, LinearCase):
+        return run_linear_case(case, rank)
     import fastsoftmax
-    from fastsoftmax import distributed
+    from fastsoftmax.distributed import cross_entropy, rows
 
-    distributed._TORCH_OPS = case.torch_ops
+    rows.TORCH_OPS = case.torch_ops
     x = case.shard(case.logits, rank).clone().requires_grad_(case.grad_output != "none")
     w = None if case.weight is None else case.shard(case.weight, rank)
     if case.bad_weight_rank == rank:
@@ -155,8 +257,8 @@ def run_case(case: Case, rank: int):
         kw["vocab_start"] = case.starts[rank]
     if case.opcheck:
         kw.pop("weight")
-        args = (x, case.target, w, distributed._group_name(None), None, -100, "mean", kw["label_smoothing"], True)
-        torch.library.opcheck(distributed.vocab_parallel_op, args)
+        args = (x, case.target, w, rows.group_name(None), None, -100, "mean", kw["label_smoothing"], True)
+        torch.library.opcheck(cross_entropy.vocab_parallel_op, args)
         return torch.zeros(()), None
 
     def loss_of(xx):

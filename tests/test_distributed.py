@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from distributed_worker import WORLD, cases, run_case
+from distributed_worker import WORLD, LinearCase, cases, run_case
 
 import fastsoftmax
 from fastsoftmax import errors
@@ -34,6 +34,8 @@ ERRORS = {
     # rank 1 raises its own error; rank 0 learns of it from the first collective instead of waiting
     "rank 1 passes a weight of the wrong length": (errors.ArgumentError, errors.ShapeError),
     "reduction avg": (errors.ArgumentError, errors.ArgumentError),
+    "linear target out of range": (IndexError, IndexError),
+    "linear rank 1 passes a layer of the wrong hidden size": (errors.ArgumentError, errors.ShapeError),
 }
 
 
@@ -81,10 +83,11 @@ def _close(actual, expected, dtype):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True)
 
 
-VALUE_CASES = [n for n in CASES if n not in ERRORS and not CASES[n].opcheck]
+VALUE_CASES = [n for n in CASES if n not in ERRORS and not getattr(CASES[n], "opcheck", False)]
+LINEAR = {n for n in VALUE_CASES if isinstance(CASES[n], LinearCase)}
 
 
-@pytest.mark.parametrize("name", VALUE_CASES)
+@pytest.mark.parametrize("name", [n for n in VALUE_CASES if n not in LINEAR])
 def test_same_loss_and_gradient_slices_as_one_process(ranks, name):
     case = CASES[name]
     results = [ranks[r][name] for r in range(WORLD)]
@@ -99,6 +102,41 @@ def test_same_loss_and_gradient_slices_as_one_process(ranks, name):
             assert results[r][1] is None
         else:
             _close(results[r][1], grads[r], case.logits.dtype)
+
+
+def _linear_reference(case):
+    """The single-process loss of ``hidden @ layer.T + bias`` and the gradients of hidden, each rank's rows of the layer and of the bias."""
+    wants = case.grad_output != "none"
+    h, layer = (t.clone().requires_grad_(wants) for t in (case.hidden, case.layer))
+    bias = None if case.bias is None else case.bias.clone().requires_grad_(wants)
+    x = h @ layer.T + (bias if bias is not None else 0.0)
+    loss = fastsoftmax.cross_entropy(x.movedim(-1, 1) if x.ndim > 2 else x, case.target, weight=case.weight, **case.kw)
+    if not wants:
+        return loss.detach(), [None] * WORLD
+    inputs = [h, layer] + ([bias] if bias is not None else [])
+    grads = torch.autograd.grad(loss, inputs, case.grad_out(loss.shape))
+    return loss.detach(), [[grads[0]] + [case.rows(g, r) for g in grads[1:]] for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("name", sorted(LINEAR))
+def test_linear_same_loss_and_gradients_as_one_process(ranks, name):
+    case = CASES[name]
+    results = [ranks[r][name] for r in range(WORLD)]
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    loss, grads = _linear_reference(case)
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0, equal_nan=True)
+    _close(results[0][0], loss, case.hidden.dtype)
+    for r in range(WORLD):
+        if grads[r] is None:
+            assert results[r][1] is None
+            continue
+        assert len(results[r][1]) == len(grads[r])
+        for ours, ref in zip(results[r][1], grads[r]):
+            _close(ours, ref, case.hidden.dtype)
+        # no rank made more than a chunk of its logits at once
+        assert results[r][2] <= (case.chunk_rows or case.target.numel())
 
 
 @pytest.mark.parametrize("name", list(ERRORS))
