@@ -49,6 +49,8 @@ __all__ = [
     "nn",
     "naive",
     "empty_cache",
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
 ]
 
 

@@ -80,6 +80,8 @@ class LinearCase:
     torch_ops: bool = False
     chunk_rows: Optional[int] = None
     bad_layer_rank: Optional[int] = None
+    compiled: bool = False
+    opcheck: bool = False
 
     start = Case.start
     grad_out = Case.grad_out
@@ -122,6 +124,13 @@ def _linear_cases() -> dict:
         ),
         "linear (B, T, H) hidden, sum": LinearCase(logits(2, 8, 8, seed=14, scale=1.0), layer, t16.view(2, 8), kw=dict(reduction="sum"), chunk_rows=5),
         "linear no grad: loss only": LinearCase(h, layer, t16, kw=dict(label_smoothing=0.1), grad_output="none", chunk_rows=5),
+        "linear torch.compile fullgraph, none, bias, weights": LinearCase(
+            h, layer, t16, bias=logits(20, seed=13, scale=0.5), weight=weights(20), kw=dict(reduction="none"),
+            grad_output="random", chunk_rows=6, compiled=True,
+        ),
+        "linear opcheck, fused": LinearCase(
+            h.double(), layer.double(), t16, bias=logits(20, dtype=torch.float64, seed=13), kw=dict(label_smoothing=0.1), chunk_rows=6, opcheck=True
+        ),
         "linear target out of range": LinearCase(h, layer, t16.index_fill(0, torch.tensor([9]), 20), chunk_rows=5),
         "linear rank 1 passes a layer of the wrong hidden size": LinearCase(h, layer, t16, bad_layer_rank=1),
     })
@@ -230,7 +239,16 @@ def run_linear_case(case: LinearCase, rank: int):
         kw = dict(case.kw, weight=w, bias=b, chunk_rows=case.chunk_rows)
         if case.starts is not None:
             kw["vocab_start"] = case.starts[rank]
-        loss = fastsoftmax.vocab_parallel_linear_cross_entropy(h, lw, case.target, **kw)
+        if case.opcheck:
+            args = (h, lw, b, case.target, w, rows.group_name(None), None, -100, "mean", kw["label_smoothing"], case.chunk_rows, True)
+            torch.library.opcheck(linear.linear_op, args)
+            return torch.zeros(()), None, 0
+
+        def loss_of(h, lw, b):
+            return fastsoftmax.vocab_parallel_linear_cross_entropy(h, lw, case.target, **dict(kw, bias=b))
+
+        fn = torch.compile(loss_of, fullgraph=True, backend="aot_eager") if case.compiled else loss_of
+        loss = fn(h, lw, b)
         if not wants:
             return loss.detach(), None, max(made)
         inputs = [h, lw] + ([b] if b is not None else [])

@@ -152,9 +152,10 @@ def test_error_messages_name_the_problem(ranks):
     assert "rank(s) [1]" in str(ranks[0]["rank 1 passes a weight of the wrong length"])
 
 
-def test_opcheck_passed_on_both_ranks(ranks):
+@pytest.mark.parametrize("name", ["opcheck", "linear opcheck, fused"])
+def test_opcheck_passed_on_both_ranks(ranks, name):
     for r in range(WORLD):
-        result = ranks[r]["opcheck"]
+        result = ranks[r][name]
         if isinstance(result, BaseException):
             raise result
 
@@ -187,3 +188,35 @@ def test_one_rank_in_process_is_the_single_process_kernel(tmp_path):
     finally:
         dist.destroy_process_group()
     assert not math.isnan(float(loss))
+
+
+@pytest.mark.parametrize(
+    "widths, starts, expected",
+    [
+        ((3, 0, 5, 2), (-1, -1, -1, -1), [(0, 10), (3, 10), (3, 10), (8, 10)]),  # rank order; an empty slice
+        ((3, 4, 5), (9, 0, 4), [(9, 12), (0, 12), (4, 12)]),  # any order
+        ((0, 4, 0), (4, 0, 0), [(4, 4), (0, 4), (0, 4)]),  # empty slices anywhere in [0, C]
+    ],
+)
+def test_class_layout_of_more_ranks(widths, starts, expected):
+    from fastsoftmax.distributed.rows import class_layout
+
+    got = [class_layout(list(widths), list(starts), r) for r in range(len(widths))]
+    assert [(lay.v0, lay.n_classes) for lay in got] == expected
+    assert [lay.width for lay in got] == list(widths)
+
+
+@pytest.mark.parametrize(
+    "widths, starts, message",
+    [
+        ((3, 4, 5), (0, 4, 8), "class 3 is in no slice"),
+        ((3, 4, 5), (0, 2, 7), "class 2 is in two slices"),
+        ((3, 4), (1, 4), "class 0 is in no slice"),
+        ((3, 4), (0, -1), r"not on ranks \[1\]"),
+    ],
+)
+def test_class_layout_rejects_slices_that_do_not_tile(widths, starts, message):
+    from fastsoftmax.distributed.rows import class_layout
+
+    with pytest.raises(errors.ArgumentError, match=message):
+        class_layout(list(widths), list(starts), 0)

@@ -20,7 +20,9 @@ all C classes. The partial :math:`g_r W_r` are summed over the ranks by one
 all-reduce of ``N * H`` values after the last chunk.
 
 This is a minimal chunk loop of its own (``torch.addmm``), not yet the
-single-device fused linear cross-entropy's chunk driver.
+single-device fused linear cross-entropy's chunk driver. Under
+``torch.compile`` it runs as the ``torch.library`` op
+``fastsoftmax::vocab_parallel_linear_cross_entropy``.
 """
 
 import math
@@ -29,6 +31,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.library import custom_op
 
 from .. import validation
 from ..errors import ArgumentError, DTypeError, ShapeError
@@ -109,12 +112,13 @@ class _Grads:
 
 
 def forward(hidden, linear_weight, bias, target, weight, group_name, vocab_start, ignore_index, reduction, eps, chunk_rows, fused):
-    """``(loss, grads, stats)``.
+    """``(loss, grads, state)``.
 
     ``grads``: with ``fused``, the gradients of hidden, linear_weight (and
     bias) for a unit grad_output, computed chunk by chunk in this pass (the
-    hidden one summed over the ranks); else None. ``stats``: what
-    :func:`backward` needs to rebuild them (``reduction="none"``).
+    hidden one summed over the ranks); else None. ``state`` (float64): what
+    :func:`backward` needs to rebuild them (``reduction="none"``): each
+    row's ``M``, ``S`` and ``w_t``, then the class layout and ``W``.
     """
     pg = R.process_group(group_name, FN)
     R.check_target(target, FN)
@@ -164,11 +168,18 @@ def forward(hidden, linear_weight, bias, target, weight, group_name, vocab_start
     if fused:
         out = [g.to(like.dtype) for g, like in zip(grads.finish(pg, reduction, denom, kept), (hidden, linear_weight, bias))]
         out[0] = out[0].view(hidden.shape)
-    saved = dict(stats=stats, layout=layout, w_sum=w_sum, step=step)
-    return loss, out, saved
+    tail = torch.tensor([layout.v0, layout.width, layout.n_classes, step, w_sum], **f64)
+    return loss, out, torch.cat(stats + [tail])
 
 
-def backward(hidden, linear_weight, bias, target, weight, group_name, ignore_index, eps, saved, grad_output) -> list:
+def _unpack(state: Tensor, n_rows: int) -> tuple:
+    """``(M, S, w_t, layout, w_sum)`` from the state :func:`forward` returns (three float64 a row, then the layout)."""
+    v0, width, n_classes, step, w_sum = state[3 * n_rows :].tolist()
+    layout = R.Layout(int(v0), int(width), int(n_classes), int(step))
+    return state[:n_rows], state[n_rows : 2 * n_rows], state[2 * n_rows : 3 * n_rows], layout, w_sum
+
+
+def backward(hidden, linear_weight, bias, target, weight, group_name, ignore_index, eps, state, grad_output) -> list:
     """The gradients for a per-row grad_output (``reduction="none"``): each chunk's logits made again, pass 2 from the saved rows.
 
     No collective but the all-reduce of the hidden gradient.
@@ -184,17 +195,100 @@ def backward(hidden, linear_weight, bias, target, weight, group_name, ignore_ind
     t = to_dtype(target.reshape(-1), torch.int64)
     go = grad_output.reshape(-1).to(compute)
     grads = _Grads(n_rows, lw, b is not None)
-    row_max, row_sum, w_t = saved["stats"]
-    for start in range(0, n_rows, saved["step"]):
-        part = slice(start, min(start + saved["step"], n_rows))
+    row_max, row_sum, w_t, layout, w_sum = _unpack(state, n_rows)
+    for start in range(0, n_rows, layout.chunk_rows):
+        part = slice(start, min(start + layout.chunk_rows, n_rows))
         x = _logits(h2[part], lw, b)
-        rows = R.Rows(row_max[part], row_sum[part], None, w_t[part], None, saved["w_sum"])
-        g = R.gradient(x, t[part], w, saved["layout"], ignore_index, eps, 1.0, rows, x, torch_ops)
+        rows = R.Rows(row_max[part], row_sum[part], None, w_t[part], None, w_sum)
+        g = R.gradient(x, t[part], w, layout, ignore_index, eps, 1.0, rows, x, torch_ops)
         g.mul_(go[part, None])
         grads.add(part, g, h2[part], lw)
     out = [g.to(like.dtype) for g, like in zip(grads.finish(pg, "none", 1.0, None), (hidden, linear_weight, bias))]
     out[0] = out[0].view(hidden.shape)
     return out
+
+
+# --- the torch.library ops: what torch.compile sees ------------------------------------------
+
+
+@custom_op("fastsoftmax::vocab_parallel_linear_cross_entropy", mutates_args=(), device_types=("cpu", "cuda"))
+def linear_op(
+    hidden: Tensor,
+    linear_weight: Tensor,
+    bias: Optional[Tensor],
+    target: Tensor,
+    weight: Optional[Tensor],
+    group_name: str,
+    vocab_start: Optional[int],
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    chunk_rows: Optional[int],
+    fused: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, grad of hidden, of linear_weight, of bias, state)``; the gradients empty unless ``fused``."""
+    args = (target, weight, group_name, vocab_start, ignore_index, reduction, label_smoothing, chunk_rows, fused)
+    loss, grads, state = forward(hidden, linear_weight, bias, *args)
+    grads = grads or [hidden.new_empty((0,)), hidden.new_empty((0,))]  # two tensors: outputs may not alias
+    return loss, grads[0], grads[1], grads[2] if len(grads) > 2 else hidden.new_empty((0,)), state
+
+
+@linear_op.register_fake
+def _(hidden, linear_weight, bias, target, weight, group_name, vocab_start, ignore_index, reduction, label_smoothing, chunk_rows, fused):
+    loss = hidden.new_empty(target.shape if reduction == "none" else ())
+    grads = (torch.empty_like(hidden), torch.empty_like(linear_weight)) if fused else (hidden.new_empty((0,)), hidden.new_empty((0,)))
+    grad_bias = torch.empty_like(bias) if fused and bias is not None else hidden.new_empty((0,))
+    return loss, *grads, grad_bias, hidden.new_empty((3 * target.numel() + 5,), dtype=torch.float64)
+
+
+@custom_op("fastsoftmax::vocab_parallel_linear_cross_entropy_backward", mutates_args=(), device_types=("cpu", "cuda"))
+def linear_backward_op(
+    hidden: Tensor,
+    linear_weight: Tensor,
+    bias: Optional[Tensor],
+    target: Tensor,
+    weight: Optional[Tensor],
+    group_name: str,
+    ignore_index: int,
+    label_smoothing: float,
+    state: Tensor,
+    grad_output: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    grads = backward(hidden, linear_weight, bias, target, weight, group_name, ignore_index, label_smoothing, state, grad_output)
+    return grads[0], grads[1], grads[2] if len(grads) > 2 else hidden.new_empty((0,))
+
+
+@linear_backward_op.register_fake
+def _(hidden, linear_weight, bias, target, weight, group_name, ignore_index, label_smoothing, state, grad_output):
+    grad_bias = torch.empty_like(bias) if bias is not None else hidden.new_empty((0,))
+    return torch.empty_like(hidden), torch.empty_like(linear_weight), grad_bias
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, linear_weight, bias, target, weight, group_name, _, ignore_index, _, label_smoothing, _, fused = inputs
+    ctx.fused = fused
+    ctx.with_bias = bias is not None
+    ctx.args = (group_name, ignore_index, label_smoothing)
+    ctx.mark_non_differentiable(*output[1:])
+    if fused:
+        ctx.save_for_backward(*output[1:4])
+    else:
+        ctx.save_for_backward(hidden, linear_weight, bias, target, weight, output[4])
+
+
+def _op_backward(ctx, grad_loss, *_):
+    if ctx.fused:
+        grads = [g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+    else:
+        hidden, linear_weight, bias, target, weight, state = ctx.saved_tensors
+        grads = list(linear_backward_op(hidden, linear_weight, bias, target, weight, *ctx.args, state, grad_loss))
+    return grads[0], grads[1], grads[2] if ctx.with_bias else None, *(None,) * 9
+
+
+linear_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+# --- eager: the autograd Function and the public function ----------------------------------
 
 
 class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
@@ -212,14 +306,13 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         compute_grad = any(ctx.needs_input_grad[:3])
         fused = compute_grad and reduction != "none"
         args = (target, weight, group_name, vocab_start, ignore_index, reduction, label_smoothing, chunk_rows)
-        loss, grads, saved = forward(hidden, linear_weight, bias, *args, fused)
+        loss, grads, state = forward(hidden, linear_weight, bias, *args, fused)
         ctx.fused = fused
         ctx.with_bias = bias is not None
         if fused:
             ctx.save_for_backward(*grads)
         elif compute_grad:
-            ctx.save_for_backward(hidden, linear_weight, bias, target, weight, *saved.pop("stats"))
-            ctx.saved = saved
+            ctx.save_for_backward(hidden, linear_weight, bias, target, weight, state)
             ctx.args = (group_name, ignore_index, label_smoothing)
         return loss
 
@@ -230,10 +323,8 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
             if not ce_op.is_unit(grad_output):
                 grads = [g * grad_output.to(g.dtype) for g in grads]
         else:
-            hidden, linear_weight, bias, target, weight, *stats = ctx.saved_tensors
-            group_name, ignore_index, eps = ctx.args
-            saved = dict(ctx.saved, stats=stats)
-            grads = backward(hidden, linear_weight, bias, target, weight, group_name, ignore_index, eps, saved, grad_output)
+            hidden, linear_weight, bias, target, weight, state = ctx.saved_tensors
+            grads = backward(hidden, linear_weight, bias, target, weight, *ctx.args, state, grad_output)
         if not ctx.with_bias:
             grads.append(None)
         return (*grads, None, None, None, None, None, None, None, None)
@@ -286,6 +377,8 @@ def vocab_parallel_linear_cross_entropy(
     name = R.group_name(group, FN)
     needs = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in (hidden, linear_weight, bias))
     args = (target, weight, name, vocab_start, ignore_index, reduction, eps, chunk_rows)
+    if torch.compiler.is_compiling():
+        return linear_op(hidden, linear_weight, bias, *args, needs and reduction != "none")[0]
     if not needs:
         return forward(hidden, linear_weight, bias, *args, False)[0]
     return VocabParallelLinearCrossEntropyFunction.apply(hidden, linear_weight, bias, *args)
