@@ -28,10 +28,12 @@ _LAZY = {
     "LogSoftmaxFunction": "fastsoftmax.ops.softmax",
     "CrossEntropyFunction": "fastsoftmax.ops.cross_entropy",
     "empty_cache": "fastsoftmax.ops.pool",
+    "vocab_parallel_cross_entropy": "fastsoftmax.distributed",
+    "vocab_parallel_linear_cross_entropy": "fastsoftmax.distributed",
 }
 
 #: submodules reachable as attributes (``fastsoftmax.nn.CrossEntropyLoss``)
-_SUBMODULES = {"nn", "functional", "ops", "errors", "validation", "backends", "kernels"}
+_SUBMODULES = {"nn", "functional", "ops", "errors", "validation", "backends", "kernels", "distributed"}
 
 _ALIASES = {"naive": "fastsoftmax.apps.naive"}
 
@@ -47,6 +49,8 @@ __all__ = [
     "nn",
     "naive",
     "empty_cache",
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
 ]
 
 

@@ -209,3 +209,27 @@ def cross_entropy_prob_middle(x, q, weight, eps, scale, z_scale, loss, lse, grad
 def scale_rows(src, factor, out) -> None:
     """``out = src * factor[:, None]`` (``out`` may be ``src``)."""
     _launch(cpu_rows.scale_rows, *src.shape, src, factor, out)
+
+
+# --- vocabulary-parallel cross-entropy: one rank's slice of the classes ------------------
+
+from ..kernels import cpu_vocab  # noqa: E402  (appended with its section)
+
+
+def vocab_partials(x, weight, row_max, row_sum, gap) -> None:
+    """Pass 1 of :mod:`kernels.cpu_vocab` on the rank's logits ``x`` (R, V): local max, sum of exponentials, smoothing gap.
+
+    ``gap`` may be empty (no label smoothing); outputs are float64 (R,).
+    """
+    if x.shape[0]:
+        workers = _workers(*x.shape)
+        scratch = np.empty((workers, cpu_common.BLOCK), dtype=x.dtype)
+        args = (x, _weight(weight, x), row_max, row_sum, gap, scratch)
+        _launch(cpu_vocab.vocab_partials, *x.shape, *args, workers=workers)
+
+
+def vocab_gradient(x, target, v0, weight, ignore_index, eps, n_classes, w_sum, scale, row_max, row_sum, w_t, grad) -> None:
+    """Pass 2 of :mod:`kernels.cpu_vocab`: the rank's slice ``grad`` (R, V) of the gradient, from the all-reduced rows."""
+    if x.shape[0] and x.shape[1]:
+        args = (x, target, v0, _weight(weight, x), ignore_index, eps, n_classes, w_sum, scale, row_max, row_sum, w_t, grad)
+        _launch_forward(cpu_vocab.vocab_gradient, grad, *args)
