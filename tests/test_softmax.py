@@ -6,6 +6,7 @@ import torch.nn.functional as TF
 from helpers import FLOAT_DTYPES, assert_close, backward_reference, randn
 
 import fastsoftmax
+from fastsoftmax.backends import cpu as cpu_backend
 from fastsoftmax.kernels import config
 
 OPS = [(fastsoftmax.softmax, TF.softmax), (fastsoftmax.log_softmax, TF.log_softmax)]
@@ -102,8 +103,9 @@ def test_serial_and_parallel_kernels_agree(op, shape, dim, monkeypatch):
     x = randn(*shape, dtype=torch.float32).requires_grad_()
     g = randn(*shape, dtype=torch.float32)
     results = []
-    for threshold in (1 << 62, 0):
-        monkeypatch.setattr(config, "CPU_PARALLEL_MIN_ELEMENTS", threshold)
+    for serial in (True, False):  # the serial twin (as a forked child runs it), then the parallel one
+        monkeypatch.setattr(cpu_backend._Threads, "parallel", not serial)
+        monkeypatch.setattr(config, "CPU_PARALLEL_MIN_ELEMENTS", 0)
         y = op(x, dim)
         results.append((y, *torch.autograd.grad(y, x, g)))
     (y_serial, dx_serial), (y_parallel, dx_parallel) = results

@@ -70,7 +70,7 @@ os.register_at_fork(after_in_child=_Threads.after_fork_in_child)
 
 
 def _workers(n_rows: int, n_cols: int) -> int:
-    """How many threads work on an ``(n_rows, n_cols)`` input: 1 (the serial twin) below :data:`config.CPU_PARALLEL_MIN_ELEMENTS`."""
+    """How many threads work on an ``(n_rows, n_cols)`` input: 1 below :data:`config.CPU_PARALLEL_MIN_ELEMENTS`."""
     if n_rows * n_cols < config.CPU_PARALLEL_MIN_ELEMENTS or not _Threads.parallel:
         return 1
     return max(1, min(n_rows, numba.get_num_threads()))
@@ -87,11 +87,20 @@ def _queue(n_rows: int, n_cols: int, workers: int) -> np.ndarray:
 
 
 def _launch(kernel, n_rows: int, n_cols: int, *args, workers: int | None = None, last: tuple = ()) -> None:
-    """Run ``kernel`` (its serial twin for one worker) on ``args``, a fresh work queue, then ``last``."""
+    """Run ``kernel`` on ``args``, a fresh work queue, then ``last``.
+
+    One compilation serves every size: the parallel twin, with one worker
+    for small inputs (a launch of one loop iteration costs a microsecond or
+    two). The serial twin, compiled only when first needed, runs where no
+    thread pool may be used (a forked child) and computes the same bits.
+    """
     workers = _workers(n_rows, n_cols) if workers is None else workers
     queue = _queue(n_rows, n_cols, workers)
-    if workers == 1:
+    if not _Threads.parallel:
         return kernel[False](*args, queue, *last)
+    if workers == 1:
+        with _Threads.launch_lock():
+            return kernel[True](*args, queue, *last)
     with _Threads.launch_lock():
         # one loop iteration per chunk, so that no thread runs two workers
         previous = numba.set_parallel_chunksize(1)
