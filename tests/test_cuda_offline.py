@@ -1,7 +1,7 @@
 """CUDA with no GPU: every kernel built as numba-cuda builds it at run time and gated, and the simulator.
 
-Three processes start together on the first test here and the tests wait
-for what they need: two halves of ``cuda_gates.py`` (each kernel compiled
+Three processes start together as soon as the tests are collected
+(``conftest.py``), and the tests here wait for what they need: two halves of ``cuda_gates.py`` (each kernel compiled
 once and linked with nvJitLink and link-time optimisation for sm_90a and
 sm_80) and ``cuda_sim_driver.py --torch`` (the kernels and the torch side
 in numba-cuda's simulator). The gates, per kernel and architecture:
@@ -98,7 +98,11 @@ class Background:
 
 
 @pytest.fixture(scope="module")
-def background(tmp_path_factory):
+def background(request, tmp_path_factory):
+    started = getattr(request.config, "cuda_background", None)  # by conftest.py, when the tests were collected
+    if started is not None:
+        yield started
+        return
     bg = Background(tmp_path_factory.mktemp("cuda"))
     yield bg
     bg.close()
