@@ -87,20 +87,17 @@ def _queue(n_rows: int, n_cols: int, workers: int) -> np.ndarray:
 
 
 def _launch(kernel, n_rows: int, n_cols: int, *args, workers: int | None = None, last: tuple = ()) -> None:
-    """Run ``kernel`` on ``args``, a fresh work queue, then ``last``.
+    """Run ``kernel`` on ``args``, a fresh work queue, then ``last``: its serial twin for one worker.
 
-    One compilation serves every size: the parallel twin, with one worker
-    for small inputs (a launch of one loop iteration costs a microsecond or
-    two). The serial twin, compiled only when first needed, runs where no
-    thread pool may be used (a forked child) and computes the same bits.
+    The serial twin also runs where no thread pool may be used (a forked
+    child); it computes the same bits as the parallel one. Small inputs take
+    it too: waking the pool for one loop iteration costs from microseconds to
+    hundreds of them on a busy machine, more than the work.
     """
     workers = _workers(n_rows, n_cols) if workers is None else workers
     queue = _queue(n_rows, n_cols, workers)
-    if not _Threads.parallel:
+    if workers == 1 or not _Threads.parallel:
         return kernel[False](*args, queue, *last)
-    if workers == 1:
-        with _Threads.launch_lock():
-            return kernel[True](*args, queue, *last)
     with _Threads.launch_lock():
         # one loop iteration per chunk, so that no thread runs two workers
         previous = numba.set_parallel_chunksize(1)
