@@ -37,6 +37,12 @@ CPU_MIN_CLAIM_ELEMENTS = 1 << 14
 #: overflow it. Read when the kernels are compiled.
 CPU_PREFETCH_ROWS = 1
 
+#: Rows of at most this many classes (the book's 10) are transposed for the
+#: middle-axis kernels, which vectorise across rows; the row kernels would
+#: compute each row's few exponentials one at a time. At most 16, so that
+#: both kernels add a row's terms in the same order (one block of classes).
+CPU_SMALL_CLASSES = 16
+
 #: Softmax over a dimension that is not last (dim 1 of NCHW, say) runs the
 #: middle-axis kernels, with no copies, when at least this many elements lie
 #: after that dimension: they vectorise along those. With fewer, the

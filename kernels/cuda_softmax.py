@@ -97,7 +97,7 @@ def forward(dtype: str, log: bool, shape: str):
         return _forward_online(dtype, log)
     cd, rd = codec(dtype), reducers(dtype)
     acc, vec, exp, log_ = cd.acc, cd.vec, cd.exp, cd.log
-    load, store, load_raw, raw_value = cd.load, cd.store, cd.load_raw, cd.raw_value
+    load, store = cd.load, cd.store
     items = ITEMS["fwd", shape, dtype, log]
     n_vals = items * vec
     neg_inf, zero, one = rd.neg_inf, rd.zero, acc(1.0)
@@ -165,7 +165,7 @@ def forward(dtype: str, log: bool, shape: str):
 def _forward_online(dtype: str, log: bool):
     cd, rd = codec(dtype), reducers(dtype)
     acc, vec, exp, log_ = cd.acc, cd.vec, cd.exp, cd.log
-    load, store, load_raw, raw_value = cd.load, cd.store, cd.load_raw, cd.raw_value
+    load, store = cd.load, cd.store
     neg_inf, zero, one = rd.neg_inf, rd.zero, acc(1.0)
     max_, block_lse = rd.max_, rd.block_lse
     n_buf = UNROLL * vec
@@ -223,8 +223,8 @@ def backward(dtype: str, log: bool, shape: str):
     if shape == "online":
         return _backward_online(dtype, log)
     cd, rd = codec(dtype), reducers(dtype)
-    acc, vec, exp, log_ = cd.acc, cd.vec, cd.exp, cd.log
-    load, store, load_raw, raw_value = cd.load, cd.store, cd.load_raw, cd.raw_value
+    acc, vec, exp = cd.acc, cd.vec, cd.exp
+    store, load_raw, raw_value = cd.store, cd.load_raw, cd.raw_value
     items = ITEMS["bwd", shape, dtype, log]
     raw = cd.raw_per_chunk
     zero = rd.zero
@@ -282,8 +282,8 @@ def backward(dtype: str, log: bool, shape: str):
 
 def _backward_online(dtype: str, log: bool):
     cd, rd = codec(dtype), reducers(dtype)
-    acc, vec, exp, log_ = cd.acc, cd.vec, cd.exp, cd.log
-    load, store, load_raw, raw_value = cd.load, cd.store, cd.load_raw, cd.raw_value
+    acc, vec, exp = cd.acc, cd.vec, cd.exp
+    load, store = cd.load, cd.store
     zero = rd.zero
     block_sum = rd.block_sum
     n_buf = UNROLL * vec

@@ -58,11 +58,27 @@ def _loss_shape(input: Tensor, reduction: str) -> list:
     return shape
 
 
-def _grad_fake(input: Tensor, compute_grad: bool) -> Tensor:
+def _plain_rows(input, target, weight, z_loss, want_lse, inplace) -> bool:
+    """Whether :func:`_forward_cpu` takes :func:`_forward_rows` (also what the fake must mirror)."""
+    return (
+        input.ndim == 2
+        and weight is None
+        and not (z_loss or want_lse or inplace)
+        and input.dtype in _KERNEL_DTYPES
+        and target.ndim == 1
+        and target.dtype == torch.int64
+        and input.is_contiguous()
+    )
+
+
+def _grad_fake(input: Tensor, compute_grad: bool, target=None, weight=None, z_loss=0.0, want_lse=False) -> Tensor:
     dev = device(input)
     compute = dev.compute_dtype(input.dtype)
     if not compute_grad:
         return input.new_empty((0,), dtype=compute)
+    small = target is not None and 0 < input.shape[-1] <= config.CPU_SMALL_CLASSES and input.shape[0] > 0
+    if dev.name == "cpu" and small and _plain_rows(input, target, weight, z_loss, want_lse, False):
+        return input.new_empty((input.shape[1], input.shape[0]), dtype=compute).t()  # _forward_rows's transposed layout
     if input.ndim > 2 and dev.middle_shape(input, 1) is not None:
         return input.new_empty(input.shape, dtype=compute)  # the middle-axis kernel's layout
     return empty_moved(input, 0 if input.ndim == 1 else 1, compute)
@@ -118,11 +134,11 @@ _KERNEL_DTYPES = (torch.float32, torch.float64)
 _EMPTY = {}
 
 
-def _empty_of(dtype):
+def _empty_of(dtype, ndim: int = 1):
     """A cached empty array of ``dtype``: the kernels' "not wanted" for the log-sum-exp."""
-    if dtype not in _EMPTY:
-        _EMPTY[dtype] = torch.empty(0, dtype=dtype).numpy()
-    return _EMPTY[dtype]
+    if (dtype, ndim) not in _EMPTY:
+        _EMPTY[dtype, ndim] = torch.empty((0,) * ndim, dtype=dtype).numpy()
+    return _EMPTY[dtype, ndim]
 
 
 def _forward_rows(input, target, ignore_index, reduction, eps, compute_grad):
@@ -132,13 +148,24 @@ def _forward_rows(input, target, ignore_index, reduction, eps, compute_grad):
     book's 256 x 10 they cost more than the kernel.
     """
     be = device(input).backend()
-    x = input.detach().numpy()
+    n_rows, n_classes = input.shape
     t = target.numpy()
-    denom, count = be.check_targets(t, x.shape[1], ignore_index, None)
+    denom, count = be.check_targets(t, n_classes, ignore_index, None)
     scale, _ = be.scales(denom, count, reduction, 0.0)
-    loss = np.empty(x.shape[0])
-    grad = layout._CPU.empty(x.shape if compute_grad else (0, x.shape[1]), input.dtype)
-    be.cross_entropy_index(x, t, None, ignore_index, eps, scale, 0.0, loss, _empty_of(torch.float64), grad.numpy())
+    loss = np.empty(n_rows)
+    if n_classes <= config.CPU_SMALL_CLASSES and n_rows:
+        # a few classes: the rows transposed, so that the middle-axis kernel vectorises across them
+        # (the row kernel would compute each row's few exponentials one at a time)
+        x3 = input.detach().t().contiguous().view(1, n_classes, n_rows)
+        g3 = layout._CPU.empty((1, n_classes, n_rows) if compute_grad else (0, n_classes, n_rows), input.dtype)
+        args = (x3.numpy(), t.reshape(1, n_rows), None, ignore_index, eps, scale, 0.0)
+        be.cross_entropy_index_middle(*args, loss.reshape(1, n_rows), _empty_of(torch.float64, 2), g3.numpy())
+        grad = g3.view(n_classes, n_rows).t() if compute_grad else g3.view(0)
+    else:
+        grad = layout._CPU.empty(input.shape if compute_grad else (0, n_classes), input.dtype)
+        args = (input.detach().numpy(), t, None, ignore_index, eps, scale, 0.0, loss)
+        be.cross_entropy_index(*args, _empty_of(torch.float64), grad.numpy())
+        grad = grad if compute_grad else grad.view(0)
     if reduction == "none":
         total = torch.from_numpy(loss).to(input.dtype)
     else:
@@ -179,15 +206,7 @@ def _forward_cpu(input, target, weight, ignore_index, reduction, eps, z_loss, co
     place in its float32 copy and stored in the input's dtype: the peak is
     the input, the gradient and one chunk.
     """
-    if (
-        input.ndim == 2
-        and weight is None
-        and not (z_loss or want_lse or inplace)
-        and input.dtype in _KERNEL_DTYPES
-        and target.ndim == 1
-        and target.dtype == torch.int64
-        and input.is_contiguous()
-    ):
+    if _plain_rows(input, target, weight, z_loss, want_lse, inplace):
         return _forward_rows(input, target, ignore_index, reduction, eps, compute_grad)
     dev = device(input)
     be, arr = dev.backend(), dev.array
@@ -359,7 +378,7 @@ def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, c
     lse = input.new_empty(_loss_shape(input, "none") if return_lse else (0,), dtype=compute)
     if cuda_design.rebuilds_gradient(dev, z_loss, return_lse):
         return loss, cuda_design.stats_fake(input), lse
-    return loss, _grad_fake(input, compute_grad), lse
+    return loss, _grad_fake(input, compute_grad, target, weight, z_loss, return_lse), lse
 
 
 @custom_op("fastsoftmax::cross_entropy_backward", mutates_args=(), device_types=("cpu", "cuda"))

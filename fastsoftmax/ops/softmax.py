@@ -43,6 +43,21 @@ def _cpu_backend():
     return cpu
 
 
+def _small_rows(kernel, inputs, log):
+    """A middle-axis kernel on rows of a few classes, transposed: ``(C, R)`` vectorises across the rows.
+
+    The row kernels would take each row's few exponentials one at a time. For
+    rows of at most 16 classes both kernels add in the same order, so the
+    bits do not depend on the path.
+    """
+    n = inputs[0].shape[-1]
+    cols = [t.detach().reshape(-1, n).t().contiguous() for t in inputs]
+    rows = cols[0].shape[1]
+    out = layout._CPU.empty((n, rows), inputs[0].dtype)
+    kernel(*(c.numpy().reshape(1, n, rows) for c in cols), out.numpy().reshape(1, n, rows), log)
+    return out.t().contiguous().view(inputs[0].shape)
+
+
 def run_chunked(dev, kernel, inputs, dtype, *extra):
     """``kernel(*arrays of inputs, array of the output, *extra)`` on tensors in the kernels' layout; returns the output.
 
@@ -82,9 +97,11 @@ def forward(x: Tensor, dim: int, log: bool) -> Tensor:
         return forward(x.reshape(1), 0, log).reshape(())
     if dim == x.ndim - 1 and x.dtype in _KERNEL_DTYPES and x.is_cpu and x.is_contiguous():
         # the plain call, with the fewest tensor operations (at 256 x 10 they cost more than the kernel)
+        n = x.shape[-1]
+        if 0 < n <= config.CPU_SMALL_CLASSES and x.numel():
+            return _small_rows(_cpu_backend().softmax_forward_middle, [x], log)
         y = layout._CPU.empty(x.shape, x.dtype)
         if x.numel():
-            n = x.shape[-1]
             _cpu_backend().softmax_forward(x.detach().numpy().reshape(-1, n), y.numpy().reshape(-1, n), log)
         return y
     dev = device(x)
@@ -112,9 +129,11 @@ def backward(y: Tensor, dy: Tensor, dim: int, log: bool) -> Tensor:
         and y.is_contiguous()
         and dy.is_contiguous()
     ):
+        n = y.shape[-1]
+        if 0 < n <= config.CPU_SMALL_CLASSES and y.numel():
+            return _small_rows(_cpu_backend().softmax_backward_middle, [y, dy], log)
         dx = layout._CPU.empty(y.shape, y.dtype)
         if y.numel():
-            n = y.shape[-1]
             rows = (t.detach().numpy().reshape(-1, n) for t in (y, dy, dx))
             _cpu_backend().softmax_backward(*rows, log)
         return dx
