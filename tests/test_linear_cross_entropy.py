@@ -64,7 +64,7 @@ def path(request, monkeypatch):
     return request.param
 
 
-CASES = list(itertools.product(["2d", "unbatched", "kdim"], ["index", "ignore", "ignore_index", "ignore_out_of_range", "prob"], ["mean", "sum", "none"]))
+CASES = list(itertools.product(["2d", "unbatched", "kdim"], ["index", "ignore", "ignore_index", "prob"], ["mean", "sum", "none"]))
 
 
 @pytest.mark.parametrize("layout,kind,reduction", CASES, ids=["-".join(c) for c in CASES])
@@ -273,6 +273,13 @@ def test_odd_layouts_and_target_dtypes():
     for args in [(xt, Wt, t), (x, W, t.to(torch.uint8)), (x[:, :0], W[:, :0], t)]:  # no input features: logits are the bias
         ours = _grads(fastsoftmax.linear_cross_entropy, *args, b, label_smoothing=0.1)
         theirs = _grads(TF.linear_cross_entropy, *args, b, label_smoothing=0.1)
+        for a, e in zip(ours, theirs):
+            assert_close(a, e)
+    # an ignore_index outside [0, C), which torch accepts, on the plain and the chunked paths
+    x, W, b, t, ii = _inputs("2d", "ignore_out_of_range")
+    for options in (None, OPTIONS(batch_chunk_size=3)):
+        ours = _grads(fastsoftmax.linear_cross_entropy, x, W, t, b, ignore_index=ii, options=options)
+        theirs = _grads(TF.linear_cross_entropy, x, W, t, b, ignore_index=ii)
         for a, e in zip(ours, theirs):
             assert_close(a, e)
     # prob targets of float64 with float32 logits: torch promotes the loss
@@ -488,3 +495,22 @@ def test_cli_train_fused_linear_end_to_end(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["loss"] == "fused-linear" and metrics["epochs"][-1]["test_acc"] > 0.5
     assert (out / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_bench_linear_rows_and_worker():
+    from fastsoftmax.apps import bench
+
+    providers = ("torch", "fastsoftmax")  # torch's chunked path spends seconds on its first call
+    rows = bench.run_linear([(16, 8, 50)], providers=providers, repeats=2, memory=False, log=lambda *_: None)
+    assert [r["provider"] for r in rows] == list(providers)
+    by = {r["provider"]: r for r in rows}
+    for r in rows:
+        assert r["flops"] == 6 * 16 * 8 * 50 and r["tflops"] == pytest.approx(r["flops"] / r["median_s"] / 1e12)
+        for other, ratio in r["speedup_over"].items():
+            assert ratio == pytest.approx(by[other]["median_s"] / r["median_s"])
+    assert "vs chunked" in bench.format_linear_rows(rows)
+    # the providers compute the same loss, or the benchmark compares different work
+    losses = {p: bench.linear_call(p, 16, 8, 50, dtype=torch.float64)() for p in providers}
+    assert_close(losses["fastsoftmax"], losses["torch"])
+    measured = bench.linear_worker("fastsoftmax", 64, 16, 500, "float32", "cpu")
+    assert measured["seconds"] > 0 and measured["peak_bytes"] >= 0
