@@ -60,7 +60,7 @@ def path(request, monkeypatch):
     if request.param == "generic":
         monkeypatch.setattr(chunks, "FORCE_GENERIC", True)
     if request.param != "plain":
-        monkeypatch.setattr(chunks, "CHUNK_BYTES", 3 * 8 * C * 6)  # 3 rows of float64 logits, even with 3 buffers
+        monkeypatch.setattr(chunks, "CHUNK_BYTES", 2 * 8 * C)  # 2 rows of float64 logits (K-dim: 1 row)
     return request.param
 
 

@@ -10,6 +10,7 @@ class-last ``(B D, C)`` for the kernel and back; the softcap keeps
 :math:`\tanh` in a second buffer for its derivative :math:`1 - \tanh^2`.
 """
 
+import functools
 import math
 
 import numpy as np
@@ -52,9 +53,9 @@ class _Problem:
     ``(n, d)``: class indices ``t`` ``(N D,)`` or probabilities read per chunk.
     """
 
-    def __init__(self, input, linear_weight, target, linear_bias, weight, ignore_index, eps, softcap, rows, generic):
+    def __init__(self, input, linear_weight, target, linear_bias, weight, ignore_index, eps, softcap, rows):
         self.dev = device(input)
-        self.generic = generic or FORCE_GENERIC or input.is_cuda
+        self.generic = FORCE_GENERIC or input.is_cuda
         self.dtype = input.dtype
         self.compute = compute = self.dev.compute_dtype(input.dtype)
         self.x = input if input.ndim == 2 else input.unsqueeze(0)
@@ -165,8 +166,6 @@ def _sweep(p, scale, z_scale, needs, want_lse, factor=None):
     need_x, need_w, need_b = needs
     want_grad = need_x or need_w or need_b
     n, d, c, compute = p.n, p.d, p.c, p.compute
-    if n <= p.rows and d == 1 and p.softcap is None and not p.generic:
-        return _one_chunk(p, scale, z_scale, needs, want_lse, factor)
     rows_shape = (n * d,) if want_lse else (0,)
     if p.generic:
         loss = torch.full((n * d,), math.nan, dtype=torch.float64, device=p.x.device)
@@ -226,25 +225,6 @@ def _sweep(p, scale, z_scale, needs, want_lse, factor=None):
     return loss, lse, gx, gw, gb
 
 
-def _one_chunk(p, scale, z_scale, needs, want_lse, factor):
-    """:func:`_sweep` on the CPU for rows that fit one chunk, with no class-last copy or softcap: its body, straight."""
-    need_x, need_w, need_b = needs
-    x = p.x if p.x.dtype == p.compute else p.x.to(p.compute)
-    z = p.empty((p.n, p.v), p.compute)
-    if p.b is None:
-        torch.mm(x, p.wt, out=z)
-    else:
-        torch.addmm(p.b, x, p.wt, out=z)
-    loss, lse = np.empty(p.n), (np.empty(p.n) if want_lse else _NO_ROWS)
-    _ce_rows_cpu(p, z, 0, p.n, scale, z_scale, loss, lse, need_x or need_w or need_b)
-    if factor is not None:
-        z.mul_(factor[:, None])
-    gx = torch.mm(z, p.w) if need_x else None
-    gw = torch.mm(z.T, x) if need_w else None
-    gb = z.sum(0) if need_b else None
-    return loss, lse, gx, gw, gb
-
-
 def _reduce(loss, lse, t, ignore_index, reduction, denom, count, z_loss, shape, dtype):
     """The per-row losses (float64) plus the z-loss over the kept rows (``t``: class indices, None for probabilities), reduced.
 
@@ -288,7 +268,7 @@ def _to_param(grad, like):
 
 
 def forward(input, linear_weight, target, linear_bias, weight, ignore_index, reduction, eps, z_loss=0.0, softcap=None,
-            rows=0, needs=(False, False, False), want_lse=False, generic=False):
+            rows=0, needs=(False, False, False), want_lse=False):
     """``(loss, grad_input, grad_weight, grad_bias, lse)``, arguments already checked.
 
     The gradients (of the reduced loss, for a unit grad_output) are computed
@@ -299,9 +279,9 @@ def forward(input, linear_weight, target, linear_bias, weight, ignore_index, red
     """
     if reduction == "none":
         needs = (False, False, False)
-    if _plain(input, linear_weight, target, softcap, rows, generic):
+    if _plain(input, linear_weight, target, softcap, rows):
         return _forward_plain(input, linear_weight, target, linear_bias, weight, ignore_index, reduction, eps, z_loss, needs, want_lse)
-    p = _Problem(input, linear_weight, target, linear_bias, weight, ignore_index, eps, softcap, rows, generic)
+    p = _Problem(input, linear_weight, target, linear_bias, weight, ignore_index, eps, softcap, rows)
     denom, count = p.denominators()
     scale, z_scale = _scales(denom, count, reduction, z_loss)
     loss_rows, lse_rows, gx, gw, gb = _sweep(p, scale, z_scale, needs, want_lse or bool(z_loss))
@@ -311,24 +291,19 @@ def forward(input, linear_weight, target, linear_bias, weight, ignore_index, red
     return loss, _to_param(gx, input), _to_param(gw, linear_weight), _to_param(gb, linear_bias), lse
 
 
+@functools.cache
 def _cpu_backend():
-    global _BE
-    if _BE is None:
-        from ..backends import cpu
+    from ..backends import cpu
 
-        _BE = cpu
-    return _BE
+    return cpu
 
 
-_BE = None
-
-
-def _plain(input, linear_weight, target, softcap, rows, generic) -> bool:
-    """Whether :func:`_forward_plain` takes this call: CPU, ``(N, H)`` float32/64 input, ``(C, H)`` weight, ``(N,)``
-    int64 targets, no softcap, rows that fit one chunk."""
+def _plain(input, linear_weight, target, softcap, rows) -> bool:
+    """Whether :func:`_forward_plain` takes the call: CPU, ``(N, H)`` float32 or float64 input, ``(C, H)`` weight,
+    ``(N,)`` int64 targets, no softcap, and logits that fit one chunk."""
     return (
         softcap is None
-        and not (generic or FORCE_GENERIC or input.is_cuda)
+        and not (FORCE_GENERIC or input.is_cuda)
         and input.ndim == 2
         and linear_weight.ndim == 2
         and target.ndim == 1
@@ -364,10 +339,9 @@ def _forward_plain(input, linear_weight, target, linear_bias, weight, ignore_ind
     return total, gx, gw, gb, (torch.from_numpy(lse).to(input.dtype) if want_lse else None)
 
 
-def backward_none(input, linear_weight, target, linear_bias, weight, ignore_index, eps, z_loss, softcap, rows, grad_output,
-                  needs, generic=False):
+def backward_none(input, linear_weight, target, linear_bias, weight, ignore_index, eps, z_loss, softcap, rows, grad_output, needs):
     """``(grad_input, grad_weight, grad_bias)`` of the unreduced loss for ``grad_output``: the logits recomputed per chunk."""
-    p = _Problem(input, linear_weight, target, linear_bias, weight, ignore_index, eps, softcap, rows, generic)
+    p = _Problem(input, linear_weight, target, linear_bias, weight, ignore_index, eps, softcap, rows)
     p.denominators()
     factor = grad_output.reshape(-1).to(p.compute).contiguous()
     _, _, gx, gw, gb = _sweep(p, 1.0, z_loss, needs, False, factor)
