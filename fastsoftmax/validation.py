@@ -393,38 +393,38 @@ def check_linear_cross_entropy(input, linear_weight, target, linear_bias, weight
 
 
 def _plain_linear_call(input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing) -> bool:
-    """Whether this is the common call, ``(N, H)`` input, ``(C, H)`` weight, ``(N,)`` int64 targets, no class
+    """Whether this is the common CPU call, ``(N, H)`` input, ``(C, H)`` weight, ``(N,)`` int64 targets, no class
     weights, and every check of :func:`check_linear_cross_entropy` holds: the same checks, in a few attribute reads."""
     if not (isinstance(input, torch.Tensor) and isinstance(linear_weight, torch.Tensor) and isinstance(target, torch.Tensor)):
         return False
-    dev, dtype = input.device, input.dtype
-    bias_ok = linear_bias is None or (
+    if not (input.is_cpu and linear_weight.is_cpu and target.is_cpu):
+        return False
+    dtype = input.dtype
+    x_shape, w_shape = input.shape, linear_weight.shape
+    if linear_bias is not None and not (
         isinstance(linear_bias, torch.Tensor)
+        and linear_bias.is_cpu
         and linear_bias.ndim == 1
-        and linear_bias.shape[0] == linear_weight.shape[0]
         and linear_bias.dtype == dtype
-        and linear_bias.device == dev
         and linear_bias.layout == torch.strided
-    )
+        and linear_bias.shape[0] == w_shape[0]
+    ):
+        return False
     return (
-        bias_ok
-        and weight is None
+        weight is None
         and (ignore_index is None or (type(ignore_index) is int and _INT64_MIN <= ignore_index <= _INT64_MAX))
         and type(label_smoothing) in (float, int)
         and 0.0 <= label_smoothing <= 1.0
-        and input.ndim == 2
-        and linear_weight.ndim == 2
+        and len(x_shape) == 2
+        and len(w_shape) == 2
         and target.ndim == 1
         and target.dtype == torch.int64
         and dtype in FLOAT_DTYPES
         and linear_weight.dtype == dtype
-        and input.shape[1] == linear_weight.shape[1]
-        and target.shape[0] == input.shape[0]
+        and x_shape[1] == w_shape[1]
+        and target.shape[0] == x_shape[0]
         and input.layout == torch.strided
         and linear_weight.layout == torch.strided
-        and dev.type in _DEVICES
-        and linear_weight.device == dev
-        and target.device == dev
     )
 
 

@@ -311,6 +311,23 @@ def test_value_and_grad_matches_autograd():
         assert_close(gw, ew)
 
 
+def test_value_and_grad_wrt_names_the_gradients():
+    x, W, b, t, _ = _inputs("2d", "ignore")
+    ref = [v.clone().requires_grad_() for v in (x, W, b)]
+    TF.linear_cross_entropy(ref[0], ref[1], t, linear_bias=ref[2], label_smoothing=0.1).backward()
+    with torch.no_grad():  # as the D2L step calls it: plain tensors, no graph anywhere
+        loss, gx, gw, gb = lce.value_and_grad(x, W, t, linear_bias=b, label_smoothing=0.1, wrt=("linear_weight", "linear_bias"))
+    assert gx is None
+    assert_close(gw, ref[1].grad)
+    assert_close(gb, ref[2].grad)
+    _, gx, gw, gb = lce.value_and_grad(x, W, t, wrt=("input",))
+    assert gw is None and gb is None
+    assert_close(gx, torch.autograd.grad(TF.linear_cross_entropy(ref[0], W, t), ref[0])[0])
+    for bad in ["input", ("weight",)]:
+        with pytest.raises(ValueError, match="wrt names some of"):
+            lce.value_and_grad(x, W, t, wrt=bad)
+
+
 def test_retain_graph_and_partial_requires_grad():
     x, W, b, t, _ = _inputs("2d", "ignore")
     for reduction in ["mean", "none"]:

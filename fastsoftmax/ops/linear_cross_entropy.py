@@ -286,31 +286,44 @@ class LinearCrossEntropyFunction(LinearCrossEntropyCore):
         return LinearCrossEntropyCore.forward(ctx, input, linear_weight, target, linear_bias, weight, *args)
 
 
+_WRT = ("input", "linear_weight", "linear_bias")
+
+
 def value_and_grad(input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean", ignore_index=None,
-                   label_smoothing=0.0, options=None, z_loss=0.0, softcap=None):
+                   label_smoothing=0.0, options=None, z_loss=0.0, softcap=None, wrt=None):
     """``(loss, grad_input, grad_linear_weight, grad_linear_bias)`` of :func:`fastsoftmax.linear_cross_entropy`, no graph.
 
-    The gradients of the reduced loss (``mean`` or ``sum``) for each of the
-    three tensors that requires grad, None for the others: what
-    ``loss.backward()`` would accumulate, computed in the same pass as the
-    loss, with no autograd graph to build and walk. For a training step that
-    applies them itself (the D2L example's ``fused-linear`` step).
+    The gradients of the reduced loss (``mean`` or ``sum``), computed in the
+    same pass as the loss, for the tensors ``wrt`` names (some of
+    ``"input"``, ``"linear_weight"``, ``"linear_bias"``; None: those that
+    require grad), None for the others: what ``loss.backward()`` would
+    accumulate, with no autograd graph to build and walk. For a training step
+    that applies them itself (the D2L example's ``fused-linear`` step).
     """
     prob, ii, reduction, eps, z, cap, rows, shape = check_arguments(
         input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, options, z_loss, softcap
     )
     if reduction == "none":
         raise validation.ArgumentError("fastsoftmax: value_and_grad takes a reduced loss (reduction 'mean' or 'sum'), got 'none'")
-    leaves = (input, linear_weight, linear_bias)
-    needs = (input.requires_grad, linear_weight.requires_grad, linear_bias is not None and linear_bias.requires_grad)
-    if needs_logits(input, target, weight, prob, shape):
+    if wrt is None:
+        needs = (input.requires_grad, linear_weight.requires_grad, linear_bias is not None and linear_bias.requires_grad)
+    else:
+        if isinstance(wrt, str) or not set(wrt) <= set(_WRT):
+            raise validation.ArgumentError(f"fastsoftmax: value_and_grad(): wrt names some of {_WRT}, got {wrt!r}")
+        needs = ("input" in wrt, "linear_weight" in wrt, "linear_bias" in wrt and linear_bias is not None)
+    if torch.is_grad_enabled():
+        # no graph: the gradients come from the kernels, and those of the target or the class weights are not returned
+        input, linear_weight, target = input.detach(), linear_weight.detach(), target.detach()
+        linear_bias = None if linear_bias is None else linear_bias.detach()
+        weight = None if weight is None else weight.detach()
+    if (prob or not all(shape[input.ndim - 1 :])) and needs_logits(input, target, weight, prob, shape):
         from ..functional import linear_cross_entropy
 
-        kw = dict(linear_bias=linear_bias, weight=weight, reduction=reduction, label_smoothing=eps, z_loss=z, softcap=cap)
+        leaves = [t.requires_grad_(need) if t is not None else None for t, need in zip((input, linear_weight, linear_bias), needs)]
+        kw = dict(linear_bias=leaves[2], weight=weight, reduction=reduction, label_smoothing=eps, z_loss=z, softcap=cap)
         with torch.enable_grad():
-            loss = linear_cross_entropy(input, linear_weight, target, ignore_index=None if prob else ii, **kw)
+            loss = linear_cross_entropy(leaves[0], leaves[1], target, ignore_index=None if prob else ii, **kw)
             grads = iter(torch.autograd.grad(loss, [t for t, need in zip(leaves, needs) if need]) if any(needs) else ())
         return (loss.detach(), *(next(grads) if need else None for need in needs))
-    with torch.no_grad():
-        loss, gx, gw, gb, _ = forward(input, linear_weight, target, linear_bias, weight, ii, reduction, eps, z, cap, rows, needs)
+    loss, gx, gw, gb, _ = forward(input, linear_weight, target, linear_bias, weight, ii, reduction, eps, z, cap, rows, needs)
     return loss, gx, gw, gb
