@@ -251,7 +251,7 @@ def linear_cross_entropy(
     one reused buffer, the fused kernel turning them into their gradient in
     place, then :math:`\partial x = G W`, :math:`\partial W \mathrel{+}= G^\top x`,
     :math:`\partial b \mathrel{+}= \sum_n G_n`. Peak extra memory is one chunk of logits
-    (32 MiB by default), not ``N x V``. ``options`` takes torch's
+    (64 MiB by default), not ``N x V``. ``options`` takes torch's
     :class:`torch.nn.LinearCrossEntropyOptions`: its ``batch_chunk_size`` or
     explicit ``chunking_method`` sets the rows per chunk; ``acc_policy``,
     ``acc_dtype`` and ``allow_retain_graph`` change nothing here (half
