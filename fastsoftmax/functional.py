@@ -248,10 +248,11 @@ def linear_cross_entropy(
     probabilities of the logits' shape ``(C)``, ``(N, C, d1, ..., dK)``.
 
     Rows go through in chunks: per chunk the logits by ``torch.addmm`` into
-    one reused buffer, the fused kernel turning them into their gradient in
-    place, then :math:`\partial x = G W`, :math:`\partial W \mathrel{+}= G^\top x`,
-    :math:`\partial b \mathrel{+}= \sum_n G_n`. Peak extra memory is one chunk of logits
-    (64 MiB by default), not ``N x V``. ``options`` takes torch's
+    one reused buffer, the fused kernel turning them into their gradient
+    :math:`G = \partial L / \partial z` in place, then :math:`\partial x = G W`,
+    :math:`\partial W \mathrel{+}= G^\top x`, :math:`\partial b \mathrel{+}= \sum_n G_n`. Peak
+    extra memory is one chunk of logits (64 MiB by default; twice that with a
+    softcap or K-dim weights), not ``N x V``. ``options`` takes torch's
     :class:`torch.nn.LinearCrossEntropyOptions`: its ``batch_chunk_size`` or
     explicit ``chunking_method`` sets the rows per chunk; ``acc_policy``,
     ``acc_dtype`` and ``allow_retain_graph`` change nothing here (half
@@ -268,7 +269,10 @@ def linear_cross_entropy(
     Probability targets or class weights that require grad, zero classes, and
     probability targets of a wider dtype than the input go through
     :func:`cross_entropy` on materialised logits. Double backward recomputes
-    the loss in torch ops.
+    the loss in torch ops; forward-mode AD and ``torch.func`` transforms are
+    not supported. Where torch rounds half-precision logits before the loss,
+    ours stay float32, so results differ from torch's by about an ulp of the
+    half type.
     """
     from .ops import linear_cross_entropy as lce_op
 
