@@ -335,7 +335,7 @@ def check_linear_cross_entropy(input, linear_weight, target, linear_bias, weight
     make, on the logits' shape ``(N, C, d1, ..., dK)`` without computing them.
     Returns ``(prob, ignore_index, label_smoothing, logits_shape)``.
     """
-    if _plain_linear_call(input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing):
+    if plain_linear_call(input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing):
         eps = label_smoothing if label_smoothing > 0.0 else 0.0
         return False, -100 if ignore_index is None else ignore_index, eps, (input.shape[0], linear_weight.shape[0])
     fn = "linear_cross_entropy"
@@ -392,7 +392,7 @@ def check_linear_cross_entropy(input, linear_weight, target, linear_bias, weight
     return prob, ignore_index, eps, logits_shape
 
 
-def _plain_linear_call(input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing) -> bool:
+def plain_linear_call(input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing) -> bool:
     """Whether this is the common CPU call, ``(N, H)`` input, ``(C, H)`` weight, ``(N,)`` int64 targets, no class
     weights, and every check of :func:`check_linear_cross_entropy` holds: the same checks, in a few attribute reads."""
     if not (isinstance(input, torch.Tensor) and isinstance(linear_weight, torch.Tensor) and isinstance(target, torch.Tensor)):

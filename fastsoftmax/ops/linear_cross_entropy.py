@@ -53,9 +53,13 @@ def check_arguments(input, linear_weight, target, linear_bias, weight, reduction
     ``(prob, ignore_index, reduction, label_smoothing, z_loss, softcap, rows, logits_shape)``; ``rows`` 0
     leaves the rows per chunk to the byte budget.
     """
-    prob, ignore_index, eps, logits_shape = validation.check_linear_cross_entropy(
-        input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing
-    )
+    if validation.plain_linear_call(input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing):
+        prob, eps, logits_shape = False, (label_smoothing if label_smoothing > 0.0 else 0.0), (input.shape[0], linear_weight.shape[0])
+        ignore_index = -100 if ignore_index is None else ignore_index
+    else:
+        prob, ignore_index, eps, logits_shape = validation.check_linear_cross_entropy(
+            input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing
+        )
     if not (reduction == "mean" or reduction == "sum" or reduction == "none"):
         reduction = validation.reduction_of(reduction)
     z = z_loss if type(z_loss) is float else validation.as_float(z_loss, "z_loss", "linear_cross_entropy", 10)
