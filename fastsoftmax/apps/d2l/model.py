@@ -78,13 +78,13 @@ def make_step(model: SoftmaxRegression, loss: str, lr: float):
     params = list(model.parameters())
     if loss == "fused-linear":
         W, b = model.W, model.b
-        WRT = ("linear_weight", "linear_bias")
+        wrt = ("linear_weight", "linear_bias")
         n_inputs = W.shape[0]
 
         def fused_linear_step(X, y):
             with torch.no_grad():
                 # W.T: the (classes, inputs) weight the op takes, a view of the same parameter
-                loss, _, grad_w, grad_b = linear_ce.value_and_grad(X.reshape(-1, n_inputs), W.T, y, linear_bias=b, wrt=WRT)
+                loss, _, grad_w, grad_b = linear_ce.value_and_grad(X.reshape(-1, n_inputs), W.T, y, linear_bias=b, wrt=wrt)
                 for p, grad in ((W, grad_w.T), (b, grad_b)):
                     p -= lr * grad  # the update of _sgd, from the gradients the op returned
             return loss, None
