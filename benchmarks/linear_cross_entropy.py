@@ -5,11 +5,14 @@
 Providers: ``torch`` (eager ``F.cross_entropy(F.linear(x, W), t)``),
 ``torch.chunked`` (``F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())``)
 and ``fastsoftmax`` (``fastsoftmax.linear_cross_entropy``). Every call runs
-in a fresh Python process (:func:`bench.linear_in_subprocess`): a warm-up on
+in a fresh Python process (:func:`bench_linear.in_subprocess`): a warm-up on
 8 rows, then one timed forward+backward, whose peak is the growth of the
 resident high-water mark. Repetitions alternate the providers, in a new
 random order each, so that a slow minute of a shared machine falls on all
 of them; a figure is a median.
+
+``--providers fastsoftmax:32 fastsoftmax:128`` runs ours with chunks of 32
+and 128 MiB of logits (the default is 64).
 
 The goal (issue 16): beyond the gradients the call must return (input and
 weight), fastsoftmax's peak growth at most 5% of torch eager's and below
@@ -22,14 +25,14 @@ import os
 import random
 import statistics
 
-from fastsoftmax.apps import bench
+from fastsoftmax.apps import bench, bench_linear
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--shape", type=int, nargs=3, default=[2048, 512, 128256], metavar=("N", "H", "V"))
-    parser.add_argument("--providers", nargs="+", default=list(bench.LINEAR_PROVIDERS))
+    parser.add_argument("--providers", nargs="+", default=list(bench_linear.PROVIDERS))
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args()
     n, h, v = args.shape
@@ -39,7 +42,7 @@ def main() -> int:
     order = random.Random(0)
     for rep in range(args.repeats):
         for provider in order.sample(args.providers, len(args.providers)):
-            result = bench.linear_in_subprocess(provider, n, h, v)
+            result = bench_linear.in_subprocess(provider, n, h, v)
             runs[provider].append(result)
             loads.append(os.getloadavg())
             print(f"repeat {rep + 1}: {provider:<14} {result['seconds']:8.2f} s  peak +{result['peak_bytes'] / 1e6:8.1f} MB  (load {loads[-1][0]:.2f})", flush=True)

@@ -514,20 +514,22 @@ def test_cli_train_fused_linear_end_to_end(tmp_path, capsys):
     assert (out / "curves.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_bench_linear_rows_and_worker():
-    from fastsoftmax.apps import bench
+def test_bench_linear_rows_and_worker(monkeypatch):
+    from fastsoftmax.apps import bench_linear
 
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", chunks.CHUNK_BYTES)  # restored after the worker below sets it
     providers = ("torch", "fastsoftmax")  # torch's chunked path spends seconds on its first call
-    rows = bench.run_linear([(16, 8, 50)], providers=providers, repeats=2, memory=False, log=lambda *_: None)
+    rows = bench_linear.run([(16, 8, 50)], providers=providers, repeats=2, memory=False, log=lambda *_: None)
     assert [r["provider"] for r in rows] == list(providers)
     by = {r["provider"]: r for r in rows}
     for r in rows:
         assert r["flops"] == 6 * 16 * 8 * 50 and r["tflops"] == pytest.approx(r["flops"] / r["median_s"] / 1e12)
         for other, ratio in r["speedup_over"].items():
             assert ratio == pytest.approx(by[other]["median_s"] / r["median_s"])
-    assert "vs chunked" in bench.format_linear_rows(rows)
+    assert "vs chunked" in bench_linear.format_rows(rows)
     # the providers compute the same loss, or the benchmark compares different work
-    losses = {p: bench.linear_call(p, 16, 8, 50, dtype=torch.float64)() for p in providers}
+    losses = {p: bench_linear.call(p, 16, 8, 50, dtype=torch.float64)() for p in providers}
     assert_close(losses["fastsoftmax"], losses["torch"])
-    measured = bench.linear_worker("fastsoftmax", 64, 16, 500, "float32", "cpu")
+    measured = bench_linear.worker("fastsoftmax:1", 64, 16, 500, "float32", "cpu")
     assert measured["seconds"] > 0 and measured["peak_bytes"] >= 0
+    assert chunks.CHUNK_BYTES == 1 << 20  # the provider's suffix set the chunk budget

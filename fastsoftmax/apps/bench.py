@@ -23,8 +23,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -200,147 +198,6 @@ def peak_memory(call, device: str) -> int:
     return peak[0] - base
 
 
-# --- linear cross-entropy: the product and the loss, forward and backward ------------------------
-
-LINEAR_PROVIDERS = ("torch", "torch.chunked", "fastsoftmax")
-#: (N, H, V): the D2L step's shape, a 32k vocabulary, Llama 3's 128k vocabulary
-LINEAR_SHAPES = ((256, 784, 10), (2048, 512, 32000), (2048, 512, 128256))
-LINEAR_QUICK_SHAPES = ((256, 784, 10), (512, 256, 8000))
-
-
-def _linear_fn(provider: str):
-    if provider == "torch":
-        return lambda x, W, t: TF.cross_entropy(TF.linear(x, W), t)
-    if provider == "torch.chunked":
-        return lambda x, W, t: TF.linear_cross_entropy(x, W, t, options=torch.nn.LinearCrossEntropyOptions())
-    if provider == "fastsoftmax":
-        return fastsoftmax.linear_cross_entropy
-    raise ValueError(f"unknown provider {provider!r}: expected one of {LINEAR_PROVIDERS}")
-
-
-def linear_call(provider: str, n: int, h: int, v: int, dtype=torch.float32, device="cpu", seed=0, rows=None):
-    """A zero-argument forward+backward of ``provider``'s linear cross-entropy (its gradients dropped after each call).
-
-    ``rows`` limits the call to the first rows of the batch (a warm-up).
-    """
-    fn = _linear_fn(provider)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, h, generator=g).to(dtype=dtype, device=device).requires_grad_()
-    W = (torch.randn(v, h, generator=g) * h**-0.5).to(dtype=dtype, device=device).requires_grad_()
-    t = torch.randint(0, v, (n,), generator=g).to(device)
-
-    def call(rows=rows):
-        loss = fn(x[:rows], W, t[:rows]) if rows else fn(x, W, t)
-        loss.backward()
-        x.grad = W.grad = None
-        return loss.detach()
-
-    return call
-
-
-def _reset_peak() -> bool:
-    """Start the resident high-water mark (VmHWM) again from the current size (Linux 4.0 and later)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
-
-
-def linear_worker(provider: str, n: int, h: int, v: int, dtype: str, device: str) -> dict:
-    """One forward+backward in this (fresh) process after a warm-up on 8 rows: ``{"seconds", "peak_bytes"}``.
-
-    The peak is the growth of the resident high-water mark (exact, no
-    sampling) on the CPU, of torch's allocator on CUDA. It includes the
-    gradients the call returns.
-    """
-    call = linear_call(provider, n, h, v, getattr(torch, dtype), device)
-    call(rows=8)  # kernels load, first-call paths run
-    _release_cpu_memory()
-    if device.startswith("cuda"):
-        start = time.perf_counter()
-        peak = peak_memory(call, device)
-        return {"seconds": time.perf_counter() - start, "peak_bytes": peak}
-    base = _rss()
-    exact = _reset_peak()
-    start = time.perf_counter()
-    if exact:
-        call()
-        seconds, peak = time.perf_counter() - start, _peak_rss() - base
-    else:
-        peak = peak_memory(call, device)
-        seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_bytes": peak}
-
-
-def linear_in_subprocess(provider: str, n: int, h: int, v: int, dtype="float32", device="cpu") -> dict:
-    """:func:`linear_worker` in a fresh Python process: nothing of an earlier call is left in its memory."""
-    code = "import json, sys; from fastsoftmax.apps import bench; print(json.dumps(bench.linear_worker(*json.loads(sys.argv[1]))))"
-    args = json.dumps([provider, n, h, v, dtype, device])
-    done = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def run_linear(shapes, device="cpu", providers=LINEAR_PROVIDERS, repeats=5, memory=True, log=print) -> list:
-    """Rows of the linear cross-entropy, float32: median time (providers interleaved in one process), TFLOP/s from
-    ``6 N H V`` flops (the three products), speed-ups, and each provider's peak growth in a fresh process."""
-    rows = []
-    for n, h, v in shapes:
-        case = Case("linear_cross_entropy_fwd_bwd", n, v, torch.float32, device)
-        for provider in providers:
-            case.calls[provider] = linear_call(provider, n, h, v, device=device)
-        times = time_case(case, repeats, warmup=1)
-        del case
-        _release_cpu_memory()
-        medians = {p: statistics.median(t) for p, t in times.items()}
-        flops = 6 * n * h * v
-        for provider, seconds in medians.items():
-            row = {
-                "op": "linear_cross_entropy_fwd_bwd",
-                "shape": [n, h, v],
-                "dtype": "float32",
-                "device": device,
-                "provider": provider,
-                "median_s": seconds,
-                "times_s": times[provider],
-                "flops": flops,
-                "tflops": flops / seconds / 1e12,
-                "speedup_over": {other: medians[other] / seconds for other in medians if other != provider},
-                "gradient_bytes": (n + v) * h * 4,
-            }
-            if memory:
-                row["peak_bytes"] = linear_in_subprocess(provider, n, h, v, device=device)["peak_bytes"]
-            rows.append(row)
-        log(format_linear_rows(rows[-len(medians):]))
-    return rows
-
-
-def format_linear_rows(rows) -> str:
-    r0 = rows[0]
-    n, h, v = r0["shape"]
-    head = f"{r0['op']}  N={n} H={h} V={v}  {r0['dtype']}  {r0['device']}  ({r0['flops'] / 1e9:.1f} GFLOP; gradients {r0['gradient_bytes'] / 1e6:.1f} MB)"
-    lines = [head, f"  {'provider':<15}{'median ms':>11}{'TFLOP/s':>9}{'vs torch':>10}{'vs chunked':>11}{'peak MB':>9}{'beyond grads':>14}"]
-    for r in rows:
-        sp = r["speedup_over"]
-
-        def ratio(p):
-            return f"{sp[p]:.2f}x" if p in sp else "-"
-
-        peak = f"{r['peak_bytes'] / 1e6:.1f}" if "peak_bytes" in r else "-"
-        beyond = f"{(r['peak_bytes'] - r['gradient_bytes']) / 1e6:.1f}" if "peak_bytes" in r else "-"
-        lines.append(
-            f"  {r['provider']:<15}{r['median_s'] * 1e3:>11.2f}{r['tflops']:>9.3f}"
-            f"{ratio('torch'):>10}{ratio('torch.chunked'):>11}{peak:>9}{beyond:>14}"
-        )
-    return "\n".join(lines)
-
-
 # --- the whole matrix ----------------------------------------------------------------------
 
 
@@ -453,7 +310,7 @@ def plot(results: dict, out: Path) -> None:
     plt.close(fig)
 
     ours = [r for r in rows if r["provider"] == "fastsoftmax"]
-    baselines = [p for p in PROVIDERS + LINEAR_PROVIDERS[1:] if p != "fastsoftmax" and any(p in r["speedup_over"] for r in ours)]
+    baselines = [p for p in PROVIDERS + ("torch.chunked",) if p != "fastsoftmax" and any(p in r["speedup_over"] for r in ours)]
     labels = [f"{r['op']}\n{'x'.join(map(str, r['shape']))} {r['dtype']}" for r in ours]
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(ours)), 4))
     width = 0.8 / max(1, len(baselines))
@@ -482,8 +339,10 @@ def main(args) -> int:
         dtypes += [torch.bfloat16, torch.float16]
     repeats = args.repeats or (5 if args.quick else 7)
     results = run(shapes, dtypes=dtypes, device=device, repeats=repeats, memory=not args.no_memory)
-    linear_shapes = LINEAR_QUICK_SHAPES if args.quick else LINEAR_SHAPES
-    results["rows"] += run_linear(linear_shapes, device=device, repeats=min(repeats, 3), memory=not args.no_memory)
+    from . import bench_linear
+
+    linear_shapes = bench_linear.QUICK_SHAPES if args.quick else bench_linear.SHAPES
+    results["rows"] += bench_linear.run(linear_shapes, device=device, repeats=min(repeats, 3), memory=not args.no_memory)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
