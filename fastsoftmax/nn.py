@@ -90,8 +90,36 @@ class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
     ours, stored as attributes: ``z_loss`` and ``softcap``.
     """
 
-    def __init__(self, in_features, num_classes, *, z_loss=0.0, softcap=None, **kwargs):
-        super().__init__(in_features, num_classes, **kwargs)
+    def __init__(
+        self,
+        in_features,
+        num_classes,
+        *,
+        out_features=(),
+        bias=False,
+        device=None,
+        dtype=None,
+        reduction="mean",
+        weight=None,
+        ignore_index=None,
+        label_smoothing=0.0,
+        options=None,
+        z_loss=0.0,
+        softcap=None,
+    ):
+        super().__init__(
+            in_features,
+            num_classes,
+            out_features=out_features,
+            bias=bias,
+            device=device,
+            dtype=dtype,
+            reduction=reduction,
+            weight=weight,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            options=options,
+        )
         self.z_loss = z_loss
         self.softcap = softcap
 

@@ -420,6 +420,26 @@ def test_meta_tensors_give_shapes():
         assert gx.shape == x.shape and gw.shape == W.shape
 
 
+@pytest.mark.parametrize(
+    "ours,theirs",
+    [
+        (fastsoftmax.linear_cross_entropy, TF.linear_cross_entropy),
+        (fastsoftmax.nn.LinearCrossEntropyLoss.__init__, torch.nn.LinearCrossEntropyLoss.__init__),
+    ],
+    ids=["functional", "module"],
+)
+def test_torch_signature_is_a_prefix_of_ours(ours, theirs):
+    import inspect
+
+    def params(fn):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    mine, torchs = params(ours), params(theirs)
+    assert mine[: len(torchs)] == torchs
+    assert [p[0] for p in mine[len(torchs) :]] in (["z_loss", "softcap", "return_lse", "return_z_loss"], ["z_loss", "softcap"])
+    assert all(p[1] == inspect.Parameter.KEYWORD_ONLY for p in mine[len(torchs) :])
+
+
 def test_module_is_torchs_with_our_forward():
     torch.manual_seed(0)
     kw = dict(out_features=(3, 2), bias=True, dtype=torch.float64, label_smoothing=0.1, weight=torch.rand(C, dtype=torch.float64) + 0.5)
