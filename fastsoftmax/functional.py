@@ -24,7 +24,7 @@ from . import validation
 from .ops import cross_entropy as ce_op
 from .ops import softmax as softmax_op
 
-__all__ = ["softmax", "log_softmax", "softmin", "cross_entropy", "CrossEntropyOutput"]
+__all__ = ["softmax", "log_softmax", "softmin", "cross_entropy", "CrossEntropyOutput", "linear_cross_entropy"]
 
 _KERNEL_NAMES = {False: "softmax", True: "log_softmax"}
 
@@ -286,3 +286,90 @@ def _z_value(lse, target, ignore_index, prob, z, reduction, dtype):
         n = int(kept.sum()) if kept is not None else term.numel()
         total = total / n if n else total * 0
     return total.to(dtype)
+
+
+def linear_cross_entropy(
+    input,
+    linear_weight,
+    target,
+    *,
+    linear_bias=None,
+    weight=None,
+    reduction="mean",
+    ignore_index=None,
+    label_smoothing=0.0,
+    options=None,
+    z_loss=0.0,
+    softcap=None,
+    return_lse=False,
+    return_z_loss=False,
+):
+    r"""Cross-entropy of linearly transformed inputs, as :func:`torch.nn.functional.linear_cross_entropy`, never holding all the logits.
+
+    The loss of :func:`cross_entropy` on the logits
+    :math:`z_{n, c, d} = x_n \cdot W_{c, d} + b_{c, d}`: ``input`` ``(H)`` or
+    ``(N, H)``, ``linear_weight`` ``(C, H)`` or ``(C, d1, ..., dK, H)``,
+    ``linear_bias`` ``(C, d1, ..., dK)``; class-index targets ``()``, ``(N)``
+    or ``(N, d1, ..., dK)`` (``ignore_index`` None means -100) or class
+    probabilities of the logits' shape ``(C)``, ``(N, C, d1, ..., dK)``.
+
+    Rows go through in chunks: per chunk the logits by ``torch.addmm`` into
+    one reused buffer, the fused kernel turning them into their gradient
+    :math:`G = \partial L / \partial z` in place, then :math:`\partial x = G W`,
+    :math:`\partial W \mathrel{+}= G^\top x`, :math:`\partial b \mathrel{+}= \sum_n G_n`. Peak
+    extra memory is one chunk of logits (64 MiB by default; twice that with a
+    softcap or K-dim weights), not ``N x V``. ``options`` takes torch's
+    :class:`torch.nn.LinearCrossEntropyOptions`: its ``batch_chunk_size`` or
+    explicit ``chunking_method`` sets the rows per chunk; ``acc_policy``,
+    ``acc_dtype`` and ``allow_retain_graph`` change nothing here (half
+    precision is accumulated in float32 on the CPU, ``retain_graph`` always
+    works). Half-precision inputs are computed in float32 on the CPU, natively
+    on CUDA, where the path is not yet fused (the logits of each chunk go
+    through :func:`cross_entropy`'s kernels and torch ops).
+
+    Keyword-only options beyond torch's, as in :func:`cross_entropy`:
+    ``z_loss`` (:math:`z \cdot \mathrm{lse}^2` per kept element), ``softcap``
+    (the loss of :math:`c \tanh(z / c)`), ``return_lse`` and
+    ``return_z_loss`` (return a :class:`CrossEntropyOutput`).
+
+    Probability targets or class weights that require grad, zero classes, and
+    probability targets of a wider dtype than the input go through
+    :func:`cross_entropy` on materialised logits. Double backward recomputes
+    the loss in torch ops; forward-mode AD and ``torch.func`` transforms are
+    not supported. Where torch rounds half-precision logits before the loss,
+    ours stay float32, so results differ from torch's by about an ulp of the
+    half type.
+    """
+    from .ops import linear_cross_entropy as lce_op
+
+    prob, ignore_index, reduction, eps, z, cap, rows, logits_shape = lce_op.check_arguments(
+        input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, options, z_loss, softcap
+    )
+    grad_mode = torch.is_grad_enabled()
+    if grad_mode and weight is not None and weight.requires_grad and not prob:
+        raise RuntimeError(
+            "fastsoftmax: The function 'nll_loss_forward' is not differentiable with respect to argument 'weight'. "
+            "This input cannot have requires_grad True: class weights of index targets take no gradient; detach them"
+        )
+    want_lse = return_lse or return_z_loss
+    if lce_op.needs_logits(input, target, weight, prob, logits_shape):
+        bias = None if linear_bias is None else linear_bias.reshape(-1)
+        logits = torch.nn.functional.linear(input, linear_weight.reshape(-1, input.shape[-1]), bias)
+        return cross_entropy(
+            logits.reshape(logits_shape), target, weight, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=eps, z_loss=z, softcap=cap, return_lse=return_lse, return_z_loss=return_z_loss,
+        )
+    needs = (input.requires_grad, linear_weight.requires_grad, linear_bias is not None and linear_bias.requires_grad)
+    needs = needs if grad_mode else (False, False, False)
+    args = (input, linear_weight, target, linear_bias, weight, ignore_index, reduction, eps, z, cap, rows)
+    if input.device.type == "meta" or torch.compiler.is_compiling():
+        loss, _, _, _, lse = lce_op.linear_cross_entropy_op(*args, *needs, want_lse)
+    elif not any(needs):
+        loss, _, _, _, lse = lce_op.forward(*args, want_lse=want_lse)
+    else:
+        out = lce_op.LinearCrossEntropyCore.apply(*args, want_lse)
+        loss, lse = out if want_lse else (out, None)
+    if not (return_lse or return_z_loss):
+        return loss
+    z_value = _z_value(lse, target, ignore_index, prob, z, reduction, input.dtype) if return_z_loss else None
+    return CrossEntropyOutput(loss, z_value, lse if return_lse else None)

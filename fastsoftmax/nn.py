@@ -9,7 +9,10 @@ import torch
 
 from . import functional as F
 
-__all__ = ["Softmax", "LogSoftmax", "Softmin", "Softmax2d", "CrossEntropyLoss"]
+__all__ = ["Softmax", "LogSoftmax", "Softmin", "Softmax2d", "CrossEntropyLoss", "LinearCrossEntropyLoss", "LinearCrossEntropyOptions"]
+
+#: torch's own options class, re-exported: :func:`fastsoftmax.linear_cross_entropy` reads its chunk size
+LinearCrossEntropyOptions = torch.nn.LinearCrossEntropyOptions
 
 
 class Softmax(torch.nn.Softmax):
@@ -74,6 +77,67 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             ignore_index=self.ignore_index,
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
+            z_loss=getattr(self, "z_loss", 0.0),
+            softcap=getattr(self, "softcap", None),
+        )
+
+
+class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
+    """:class:`torch.nn.LinearCrossEntropyLoss` computed by :func:`fastsoftmax.linear_cross_entropy`.
+
+    Torch's arguments (its ``Linear`` of ``C * prod(out_features)`` outputs,
+    its checks, ``state_dict`` and ``repr``), then two keyword-only ones of
+    ours, stored as attributes: ``z_loss`` and ``softcap``.
+    """
+
+    def __init__(
+        self,
+        in_features,
+        num_classes,
+        *,
+        out_features=(),
+        bias=False,
+        device=None,
+        dtype=None,
+        reduction="mean",
+        weight=None,
+        ignore_index=None,
+        label_smoothing=0.0,
+        options=None,
+        z_loss=0.0,
+        softcap=None,
+    ):
+        super().__init__(
+            in_features,
+            num_classes,
+            out_features=out_features,
+            bias=bias,
+            device=device,
+            dtype=dtype,
+            reduction=reduction,
+            weight=weight,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            options=options,
+        )
+        self.z_loss = z_loss
+        self.softcap = softcap
+
+    def forward(self, input, target):
+        weight = self.linear.weight.reshape((self.num_classes, *self.out_features, self.linear.in_features))
+        bias = self.linear.bias
+        if bias is not None:
+            bias = bias.reshape((self.num_classes, *self.out_features))
+        return F.linear_cross_entropy(
+            input,
+            weight,
+            target,
+            linear_bias=bias,
+            weight=self.weight,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            options=self.options,
             z_loss=getattr(self, "z_loss", 0.0),
             softcap=getattr(self, "softcap", None),
         )

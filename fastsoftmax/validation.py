@@ -316,3 +316,153 @@ def check_grad_output(grad: torch.Tensor, grad_output: torch.Tensor, n_elements:
     check_same_device(grad, grad_output, "grad_output")
     if not grad_output.is_floating_point():
         raise DTypeError(f"fastsoftmax: {fn}: grad_output must be floating point, got {grad_output.dtype}")
+
+
+# --- linear cross-entropy -----------------------------------------------------------------
+
+
+def _check_optional_tensor(value, name: str, fn: str) -> None:
+    if value is not None and not isinstance(value, torch.Tensor):
+        raise TypeError(f"fastsoftmax: {fn}(): argument '{name}' must be Tensor or None, not {_type_name(value)}")
+
+
+def check_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing):
+    """Check every argument of :func:`fastsoftmax.linear_cross_entropy`, in the order torch checks them.
+
+    First torch's own checks of ``F.linear_cross_entropy`` (dimensions,
+    ``in_features``, the bias's shape, K-dim needing a batch, ``ignore_index``
+    with probabilities), then those its ``F.linear`` and ``F.cross_entropy``
+    make, on the logits' shape ``(N, C, d1, ..., dK)`` without computing them.
+    Returns ``(prob, ignore_index, label_smoothing, logits_shape)``.
+    """
+    if plain_linear_call(input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing):
+        eps = label_smoothing if label_smoothing > 0.0 else 0.0
+        return False, -100 if ignore_index is None else ignore_index, eps, (input.shape[0], linear_weight.shape[0])
+    fn = "linear_cross_entropy"
+    check_tensor(input, "input", fn)
+    check_tensor(linear_weight, "linear_weight", fn)
+    check_tensor(target, "target", fn)
+    _check_optional_tensor(linear_bias, "linear_bias", fn)
+    _check_optional_tensor(weight, "weight", fn)
+    if ignore_index is not None:
+        ignore_index = as_int(ignore_index, "ignore_index", fn, 6)
+    if not 1 <= input.dim() <= 2:
+        raise ShapeError(f"fastsoftmax: expected input with dimensionality 1 or 2, got {input.dim()}")
+    if linear_weight.dim() < 2:
+        raise ShapeError(f"fastsoftmax: expected linear_weight with dimensionality at least 2, got {linear_weight.dim()}")
+    in_features = input.shape[-1]
+    if in_features != linear_weight.shape[-1]:
+        raise ShapeError(
+            "fastsoftmax: expected equal input and linear_weight last dimensions (in_features), "
+            f"got {in_features} and {linear_weight.shape[-1]}, respectively"
+        )
+    n_classes, out_features = linear_weight.shape[0], tuple(linear_weight.shape[1:-1])
+    if linear_bias is not None and tuple(linear_bias.shape) != (n_classes, *out_features):
+        raise ShapeError(f"fastsoftmax: expected linear_bias shape {(n_classes, *out_features)}, got {tuple(linear_bias.shape)}")
+    if out_features and input.dim() == 1:
+        raise ShapeError(
+            f"fastsoftmax: K-dimensional loss defined by linear_weight shape {tuple(linear_weight.shape)} requires"
+            f" batched input, (N, {in_features}), got unbatched input with shape {tuple(input.shape)}"
+        )
+    logits_shape = (*input.shape[:-1], n_classes, *out_features)
+    prob = tuple(target.shape) == logits_shape
+    if prob and ignore_index is not None:
+        raise ArgumentError("fastsoftmax: ignore_index cannot be specified when target contains probabilities")
+    for name, t in (("input", input), ("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+        if t is not None:
+            check_layout(t, fn)
+            check_device(t, name)
+            if t is not input:
+                check_same_device(input, t, name)
+    if linear_weight.dtype != input.dtype:
+        raise DTypeError(
+            "fastsoftmax: expected m1 and m2 to have the same dtype, but got: "
+            f"{str(input.dtype).removeprefix('torch.')} != {str(linear_weight.dtype).removeprefix('torch.')}"
+        )
+    if linear_bias is not None and linear_bias.dtype != input.dtype:
+        raise DTypeError(
+            f"fastsoftmax: self and mat2 must have the same dtype, but got {scalar_name(linear_bias.dtype)} "
+            f"and {scalar_name(input.dtype)}: linear_bias must have the input's dtype"
+        )
+    # a stand-in for the logits: their shape, dtype and device, no memory
+    logits = input.new_empty(()).expand(logits_shape)
+    _, ignore_index, eps = check_cross_entropy(
+        logits, target, weight, -100 if ignore_index is None else ignore_index, label_smoothing, ignore_index_given=False
+    )
+    return prob, ignore_index, eps, logits_shape
+
+
+def plain_linear_call(input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing) -> bool:
+    """Whether this is the common CPU call, ``(N, H)`` input, ``(C, H)`` weight, ``(N,)`` int64 targets, no class
+    weights, and every check of :func:`check_linear_cross_entropy` holds: the same checks, in a few attribute reads."""
+    if not (isinstance(input, torch.Tensor) and isinstance(linear_weight, torch.Tensor) and isinstance(target, torch.Tensor)):
+        return False
+    if not (input.is_cpu and linear_weight.is_cpu and target.is_cpu):
+        return False
+    dtype = input.dtype
+    x_shape, w_shape = input.shape, linear_weight.shape
+    if linear_bias is not None and not (
+        isinstance(linear_bias, torch.Tensor)
+        and linear_bias.is_cpu
+        and linear_bias.ndim == 1
+        and linear_bias.dtype == dtype
+        and linear_bias.layout == torch.strided
+        and linear_bias.shape[0] == w_shape[0]
+    ):
+        return False
+    return (
+        weight is None
+        and (ignore_index is None or (type(ignore_index) is int and _INT64_MIN <= ignore_index <= _INT64_MAX))
+        and type(label_smoothing) in (float, int)
+        and 0.0 <= label_smoothing <= 1.0
+        and len(x_shape) == 2
+        and len(w_shape) == 2
+        and target.ndim == 1
+        and target.dtype == torch.int64
+        and dtype in FLOAT_DTYPES
+        and linear_weight.dtype == dtype
+        and x_shape[1] == w_shape[1]
+        and target.shape[0] == x_shape[0]
+        and input.layout == torch.strided
+        and linear_weight.layout == torch.strided
+    )
+
+
+def check_softcap(softcap, fn: str, position: int):
+    """``softcap`` as a positive float, or None."""
+    if softcap is None:
+        return None
+    cap = as_float(softcap, "softcap", fn, position)
+    if not cap > 0:
+        raise ArgumentError(f"fastsoftmax: softcap must be positive, got {cap}")
+    return cap
+
+
+def chunk_rows_of(options, n_rows: int, in_features: int, n_classes: int):
+    """The rows per chunk that a :class:`torch.nn.LinearCrossEntropyOptions` asks for, or None to use the memory budget.
+
+    ``batch_chunk_size`` is taken as given; an explicit ``chunking_method``
+    (``"aspect_ratio[:f]"``) is torch's formula, and the two must agree, as
+    torch requires; ``"auto"`` alone leaves the choice to us.
+    """
+    if options is None:
+        return None
+    if not isinstance(options, torch.nn.LinearCrossEntropyOptions):
+        raise TypeError(
+            f"fastsoftmax: linear_cross_entropy(): argument 'options' must be LinearCrossEntropyOptions or None, "
+            f"not {_type_name(options)}"
+        )
+    method, size = options.chunking_method, options.batch_chunk_size
+    if method == "auto":
+        return None if size is None else max(1, min(size, n_rows))
+    if method is None:
+        return max(1, n_rows if size is None else min(size, n_rows))
+    factor = int(method.split(":", 1)[1]) if ":" in method else 1
+    target = -(-n_rows // max(1, -(-n_classes // max(in_features, 1))))
+    rows = min((1 << (target - 1).bit_length()) // factor, n_rows) if target else 0
+    if size is not None and size != rows:
+        raise ArgumentError(
+            f"fastsoftmax: batch_chunk_size (={size}) and chunking_method ('{method}') give different "
+            f"chunk sizes ({size} vs {rows}); pass only one."
+        )
+    return max(1, rows)

@@ -67,6 +67,13 @@ CPU_STREAM_MIN_BYTES = 32 << 20
 #: and out, so that no whole float32 copy of the input or output is made.
 CPU_HALF_CHUNK_BYTES = 32 << 20
 
+#: Linear cross-entropy computes the logits in chunks of rows of about this
+#: many bytes (one reused buffer). Every chunk streams all of the weight
+#: through two products and reads and writes its whole gradient in a third,
+#: so fewer, larger chunks move less memory (64 MiB: 130 rows of a 128k
+#: vocabulary).
+LINEAR_CE_CHUNK_BYTES = 64 << 20
+
 #: Outputs of at least this many bytes come from the buffer pool
 #: (:mod:`fastsoftmax._pool`); smaller ones from ``torch.empty``.
 POOL_MIN_BYTES = 1 << 20

@@ -310,8 +310,8 @@ def plot(results: dict, out: Path) -> None:
     plt.close(fig)
 
     ours = [r for r in rows if r["provider"] == "fastsoftmax"]
-    baselines = [p for p in PROVIDERS if p != "fastsoftmax" and any(p in r["speedup_over"] for r in ours)]
-    labels = [f"{r['op']}\n{r['shape'][0]}x{r['shape'][1]} {r['dtype']}" for r in ours]
+    baselines = [p for p in PROVIDERS + ("torch.chunked",) if p != "fastsoftmax" and any(p in r["speedup_over"] for r in ours)]
+    labels = [f"{r['op']}\n{'x'.join(map(str, r['shape']))} {r['dtype']}" for r in ours]
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(ours)), 4))
     width = 0.8 / max(1, len(baselines))
     for k, baseline in enumerate(baselines):
@@ -339,6 +339,10 @@ def main(args) -> int:
         dtypes += [torch.bfloat16, torch.float16]
     repeats = args.repeats or (5 if args.quick else 7)
     results = run(shapes, dtypes=dtypes, device=device, repeats=repeats, memory=not args.no_memory)
+    from . import bench_linear
+
+    linear_shapes = bench_linear.QUICK_SHAPES if args.quick else bench_linear.SHAPES
+    results["rows"] += bench_linear.run(linear_shapes, device=device, repeats=min(repeats, 3), memory=not args.no_memory)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))

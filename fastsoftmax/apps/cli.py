@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser(
-        "train", help="train the book's softmax regression (naive, torch or fused loss)", formatter_class=fmt
+        "train", help="train the book's softmax regression (naive, torch, fused or fused-linear loss)", formatter_class=fmt
     )
     train.add_argument(
         "--dataset",
@@ -92,9 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=256, help="examples per SGD step")
     train.add_argument(
         "--loss",
-        choices=["fused", "torch", "naive"],
+        choices=["fused", "torch", "naive", "fused-linear"],
         default="fused",
-        help="fused: fastsoftmax.cross_entropy; torch: torch.nn.functional.cross_entropy; naive: the book's",
+        help="fused: fastsoftmax.cross_entropy; torch: torch.nn.functional.cross_entropy; naive: the book's; "
+        "fused-linear: fastsoftmax.linear_cross_entropy (the model's product, the loss and its gradients in one call)",
     )
     train.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda, cuda:1, ...)")
     train.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batch order")

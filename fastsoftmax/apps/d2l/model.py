@@ -8,7 +8,12 @@ cross-entropy. The loss is the only thing that changes:
 * ``fused``: :func:`fastsoftmax.cross_entropy` (ours);
 * ``torch``: :func:`torch.nn.functional.cross_entropy`;
 * ``naive``: the book's ``softmax`` followed by ``-log(y_hat[range(n), y])``
-  (:mod:`fastsoftmax.naive`), which overflows for large logits.
+  (:mod:`fastsoftmax.naive`), which overflows for large logits;
+* ``fused-linear``: :func:`fastsoftmax.linear_cross_entropy` of the inputs,
+  ``W`` and ``b``, through its :func:`~fastsoftmax.ops.linear_cross_entropy.value_and_grad`:
+  the product, the loss and the gradients of ``W`` and ``b`` in one call,
+  no autograd graph, the logits never returned (the running train accuracy
+  then takes one more product, outside the step).
 """
 
 import json
@@ -21,6 +26,7 @@ import torch
 import torch.nn.functional as TF
 
 from ... import functional
+from ...ops import linear_cross_entropy as linear_ce
 from .. import naive
 from .._extras import pyplot
 from .data import Dataset
@@ -30,6 +36,9 @@ LOSSES = {
     "torch": TF.cross_entropy,
     "naive": naive.cross_entropy_loss,
 }
+
+#: every loss ``train`` takes: those of the logits, then the one of the model's own linear layer
+CHOICES = (*LOSSES, "fused-linear")
 
 
 @dataclass
@@ -53,6 +62,44 @@ class SoftmaxRegression(torch.nn.Module):
 
     def forward(self, X):
         return X.reshape(-1, self.W.shape[0]) @ self.W + self.b
+
+
+def _sgd(params, lr: float) -> None:
+    with torch.no_grad():
+        for p in params:
+            p -= lr * p.grad
+            p.grad = None
+
+
+def make_step(model: SoftmaxRegression, loss: str, lr: float):
+    """One minibatch SGD step, ``step(X, y) -> (loss, logits or None)``: forward, loss, backward, update."""
+    if loss not in CHOICES:
+        raise ValueError(f"unknown loss {loss!r}: expected one of {sorted(CHOICES)}")
+    params = list(model.parameters())
+    if loss == "fused-linear":
+        W, b = model.W, model.b
+        wrt = ("linear_weight", "linear_bias")
+        n_inputs = W.shape[0]
+
+        def fused_linear_step(X, y):
+            with torch.no_grad():
+                # W.T: the (classes, inputs) weight the op takes, a view of the same parameter
+                loss, _, grad_w, grad_b = linear_ce.value_and_grad(X.reshape(-1, n_inputs), W.T, y, linear_bias=b, wrt=wrt)
+                for p, grad in ((W, grad_w.T), (b, grad_b)):
+                    p -= lr * grad  # the update of _sgd, from the gradients the op returned
+            return loss, None
+
+        return fused_linear_step
+    loss_fn = LOSSES[loss]
+
+    def step(X, y):
+        logits = model(X)
+        loss = loss_fn(logits, y)
+        loss.backward()
+        _sgd(params, lr)
+        return loss, logits
+
+    return step
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator = None):
@@ -97,12 +144,12 @@ class _Progress:
 
 def train(data: Dataset, config: TrainConfig, log=print, progress=None):
     """Train from scratch; returns ``(model, metrics)`` with metrics as written to ``metrics.json``."""
-    if config.loss not in LOSSES:
-        raise ValueError(f"unknown loss {config.loss!r}: expected one of {sorted(LOSSES)}")
+    if config.loss not in CHOICES:
+        raise ValueError(f"unknown loss {config.loss!r}: expected one of {sorted(CHOICES)}")
     device = torch.device(config.device)
     generator = torch.Generator().manual_seed(config.seed)
     model = SoftmaxRegression(data.n_inputs, len(data.classes), generator).to(device)
-    loss_fn = LOSSES[config.loss]
+    step = make_step(model, config.loss, config.lr)
     metrics = {"config": asdict(config), "epochs": []}
     n = len(data.train_labels)
     for epoch in range(1, config.epochs + 1):
@@ -113,15 +160,14 @@ def train(data: Dataset, config: TrainConfig, log=print, progress=None):
         for index in _batches(n, config.batch_size, generator):
             X = data.train_images[index].to(device)
             y = data.train_labels[index].to(device)
-            logits = model(X)
-            loss = loss_fn(logits, y)
-            loss.backward()
-            with torch.no_grad():
-                for p in model.parameters():
-                    p -= config.lr * p.grad
-                    p.grad = None
+            if config.loss == "fused-linear":
+                with torch.no_grad():
+                    predicted = model(X).argmax(1)  # before the update, as the other losses' logits are
+            loss, logits = step(X, y)
+            if logits is not None:
+                predicted = logits.argmax(1)
             total_loss += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
+            correct += (predicted == y).sum().item()
             seen += len(y)
             bar.update(seen)
         bar.close()
