@@ -373,3 +373,70 @@ def test_cuda_logsumexp_kernel_in_the_simulator():
     proc = subprocess.run([sys.executable, "-c", SIMULATOR_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "simulator ok" in proc.stdout
+
+
+# --- on a GPU, with CuPy (skipped here) ---------------------------------------------------
+
+
+def _cupy_on_a_gpu():
+    try:
+        import cupy
+
+        return cupy if cupy.cuda.runtime.getDeviceCount() > 0 else None
+    except Exception:  # noqa: BLE001 - no CuPy, no driver, no device
+        return None
+
+
+CUPY = _cupy_on_a_gpu()
+needs_gpu = pytest.mark.skipif(CUPY is None, reason="needs CuPy and a CUDA device")
+
+
+def _backend_takes_arrays() -> bool:
+    import inspect
+
+    try:
+        from fastsoftmax.backends import cuda as backend
+    except ImportError:
+        return False
+    return "stream" in inspect.signature(backend.softmax_forward).parameters
+
+
+needs_array_backend = pytest.mark.skipif(
+    CUPY is None or not _backend_takes_arrays(), reason="needs a GPU and the CUDA backend's array-and-stream interface"
+)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_gpu_logsumexp_on_cupy_arrays(dtype):
+    rows = np.concatenate([RNG.standard_normal((300, 4097)) * 3, np.full((1, 4097), -np.inf)])
+    rows[0, 5], rows[1, 7] = np.inf, np.nan
+    x = CUPY.asarray(rows.astype(dtype))
+    stream = CUPY.cuda.Stream(non_blocking=True)
+    with stream:
+        lse = fa.logsumexp(x, axis=1)
+    stream.synchronize()
+    assert isinstance(lse, CUPY.ndarray) and lse.dtype == dtype
+    ref = sp.logsumexp(rows.astype(dtype).astype(np.float64), axis=1)
+    np.testing.assert_allclose(CUPY.asnumpy(lse).astype(np.float64), ref, rtol=2e-3 if dtype == np.float16 else 2e-6)
+
+
+@needs_array_backend
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_gpu_softmax_backward_and_cross_entropy_on_cupy_arrays(dtype):
+    host = (RNG.standard_normal((64, 3, 1000)) * 3).astype(dtype)
+    x = CUPY.asarray(host)
+    tol = dict(rtol=2e-3, atol=1e-4) if dtype == np.float16 else dict(rtol=2e-5, atol=1e-6)
+    for op in ("softmax", "log_softmax"):
+        y = getattr(fa, op)(x, axis=-1)
+        np.testing.assert_allclose(CUPY.asnumpy(y).astype(np.float64), getattr(fa, op)(host.astype(np.float64), axis=-1), **tol)
+    y = fa.softmax(x, axis=1)
+    dy = CUPY.asarray(RNG.standard_normal(host.shape).astype(dtype))
+    dx = fa.softmax_backward(y, dy, axis=1)
+    ref = fa.softmax_backward(CUPY.asnumpy(y).astype(np.float64), CUPY.asnumpy(dy).astype(np.float64), axis=1)
+    np.testing.assert_allclose(CUPY.asnumpy(dx).astype(np.float64), ref, **tol)
+    target = RNG.integers(0, 1000, (64, 3))
+    loss, grad = fa.cross_entropy(x, CUPY.asarray(target), return_grad=True, label_smoothing=0.1)
+    ref_loss, ref_grad = fa.cross_entropy(host.astype(np.float64), target, return_grad=True, label_smoothing=0.1)
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-3 if dtype == np.float16 else 1e-5)
+    np.testing.assert_allclose(CUPY.asnumpy(grad).astype(np.float64), ref_grad, **tol)
