@@ -218,7 +218,7 @@ def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False, *, out=No
         ins = [lay.to_kernel(xp, v.astype(dtype, copy=False)) for v in (x, bb)]
         dev.run(be.logsumexp_weighted, ins, [lse, sign])
         if not return_sign:
-            lse[sign < 0] = xp.nan
+            lse = xp.where(sign < 0, xp.nan, lse)  # not a masked store: on CuPy that would wait for the device
     lse = lse.reshape(shape)
     if out is not None:
         xp.copyto(out_arr, lse, casting="same_kind")
