@@ -251,6 +251,19 @@ def test_float16_in_chunks(monkeypatch):
     close(grad, (p - np.eye(300)[t]) / 50, np.float16)
 
 
+def test_ml_dtypes_bfloat16_in_float32():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = logits(20, 300).astype(ml_dtypes.bfloat16)
+    x64 = x.astype(np.float64)
+    for op in ("softmax", "log_softmax", "logsumexp"):
+        ours = getattr(fa, op)(x, axis=1)
+        assert ours.dtype == x.dtype
+        # the final rounding to bfloat16 (8 bits): torch's tolerance for it
+        np.testing.assert_allclose(ours.astype(np.float64), getattr(sp, op)(x64, axis=1), rtol=1.6e-2, atol=1e-5)
+    loss, grad = fa.cross_entropy(x, np.zeros(20, np.int64), return_grad=True)
+    assert loss.dtype == grad.dtype == x.dtype
+
+
 # --- errors ---------------------------------------------------------------------------
 
 
