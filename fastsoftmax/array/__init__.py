@@ -26,9 +26,20 @@ reduced axes (every exponent :math:`\le 0`, so nothing overflows):
 NumPy arrays run the CPU kernels, CuPy arrays the CUDA kernels (on CuPy's
 current stream, outputs allocated by CuPy), and any other array with
 ``__dlpack__`` (JAX, PyTorch) goes through DLPack and comes back as its own
-kind (see :mod:`._devices`). float32 and float64 are computed as they are,
-float16 in float32. Importing this module and using it on NumPy arrays
-imports no torch.
+kind (see :mod:`._devices`). float32 and float64 are computed as they are;
+float16 (and ml_dtypes' bfloat16) in float32 on the CPU, a chunk of rows at
+a time, and returned in their own dtype. Importing this module and using it
+on NumPy arrays imports no torch.
+
+Where these differ from SciPy: integer and complex inputs raise
+(:class:`~fastsoftmax.errors.UnsupportedDTypeError`, as the torch API does)
+instead of being computed in float64; a softmax over an axis of length 0
+returns an empty array (SciPy raises); a weighted sum that cancels to
+exactly 0 gives ``-inf`` (sign 0), where SciPy's unshifted recomputation may
+give NaN; on CUDA arrays a log-softmax slice holding ``+inf`` is NaN
+throughout. Results are laid out like the input where that is dense (as
+NumPy's elementwise functions lay them out), and large NumPy outputs come
+from a pool (:func:`empty_cache` releases it).
 """
 
 import numpy as np
