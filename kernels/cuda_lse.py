@@ -29,6 +29,9 @@ _lse_merge = _device(rowmath.lse_merge)
 
 DTYPES = {"float32": float32, "float64": float64, "float16": float16}
 
+#: Threads per block (one block per row): 8 warps, enough loads in flight to stream a long row.
+THREADS = 256
+
 
 @lru_cache(maxsize=None)
 def logsumexp_rows(dtype: str, threads: int):

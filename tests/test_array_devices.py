@@ -440,3 +440,95 @@ def test_gpu_softmax_backward_and_cross_entropy_on_cupy_arrays(dtype):
     ref_loss, ref_grad = fa.cross_entropy(host.astype(np.float64), target, return_grad=True, label_smoothing=0.1)
     np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-3 if dtype == np.float16 else 1e-5)
     np.testing.assert_allclose(CUPY.asnumpy(grad).astype(np.float64), ref_grad, **tol)
+
+
+def _numba_gpu() -> bool:
+    try:
+        from numba import cuda
+
+        return bool(cuda.is_available())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@pytest.mark.skipif(not _numba_gpu(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+def test_gpu_logsumexp_kernel_on_numba_device_arrays(dtype):
+    # no CuPy needed: the kernel itself on the GPU, long rows and the special values
+    from numba import cuda
+
+    rows = np.concatenate([RNG.standard_normal((500, 32000)) * 3, np.full((1, 32000), -np.inf), np.empty((1, 32000))])
+    rows[-1] = 1.0
+    rows[0, 5], rows[1, 7], rows[2, 9], rows[3, :] = np.inf, np.nan, -np.inf, np.inf
+    host = rows.astype(dtype)
+    out = cuda.device_array(host.shape[0], dtype=np.float64)
+    cuda_lse.compiled(dtype, 256)[min(host.shape[0], 65535), 256](cuda.to_device(host), out)
+    got = out.copy_to_host()
+    ref = sp.logsumexp(host.astype(np.float64), axis=1)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    np.testing.assert_allclose(got, ref, rtol=2e-3 if dtype == "float16" else 2e-6)
+
+
+BACKEND_SIMULATOR_CHECK = """
+import sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+import cuda_sim
+cuda_sim.install()
+cuda_sim.small_launch_shapes()
+from numba import cuda
+import fastsoftmax.array as fa
+from fastsoftmax.array import _devices
+from fastsoftmax.array._cuda import CUDADevice
+from fastsoftmax.backends import cuda as backend
+from fastsoftmax.kernels import cuda_lse
+from test_array_devices import DeviceArray, FakeCuPy
+
+def view(a):
+    return None if a is None else np.asarray(a).view(np.ndarray)  # the simulator launches on NumPy memory
+
+device = CUDADevice(FakeCuPy(), backend, view, lambda: 0, lambda dtype: cuda.jit(cuda_lse.logsumexp_rows(dtype, 16)), 16)
+_devices.cuda_device = lambda: device
+rng = np.random.default_rng(3)
+for dtype, tol in ((np.float32, 2e-6), (np.float16, 2e-3)):
+    x = (rng.standard_normal((3, 37, 2)) * 3).astype(dtype)
+    x64 = x.astype(np.float64)
+    on = lambda a: a.view(DeviceArray)
+    for op in ("softmax", "log_softmax", "logsumexp"):
+        got = getattr(fa, op)(on(x), axis=1)
+        assert type(got) is DeviceArray and got.dtype == dtype, (op, type(got), got.dtype)
+        np.testing.assert_allclose(got.astype(np.float64), getattr(fa, op)(x64, axis=1), rtol=tol, atol=tol)
+    y = fa.softmax(x64, axis=1).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    got = fa.softmax_backward(on(y), on(dy), axis=1)
+    np.testing.assert_allclose(got.astype(np.float64), fa.softmax_backward(y.astype(np.float64), dy.astype(np.float64), axis=1), rtol=tol, atol=tol)
+    t = rng.integers(0, 37, (3, 2))
+    t[0, 1] = -100
+    w = rng.uniform(0.5, 2.0, 37)
+    if dtype == np.float16:
+        continue  # the simulator is slow: the cross-entropy in float32 only
+    for target, reduction in ((t, "mean"), (rng.dirichlet(np.ones(37), (3, 2)).transpose(0, 2, 1), "none")):
+        kw = dict(axis=1, reduction=reduction, label_smoothing=0.1, return_grad=True)
+        loss, grad = fa.cross_entropy(on(x), on(target), weight=on(w), **kw)
+        ref_loss, ref_grad = fa.cross_entropy(x64, target, weight=w, **kw)
+        np.testing.assert_allclose(np.asarray(loss, np.float64), ref_loss, rtol=max(tol, 1e-6), atol=tol)
+        np.testing.assert_allclose(grad.astype(np.float64), ref_grad, rtol=tol, atol=max(tol, 1e-6))
+    try:  # the backend's target check, raised through the array API
+        fa.cross_entropy(on(x), on(np.full((3, 2), 40)), axis=1)
+        raise AssertionError("no IndexError")
+    except IndexError as error:
+        assert "out of bounds" in str(error)
+print("backend simulator ok")
+"""
+
+
+def test_cuda_path_on_the_real_cuda_backend_in_the_simulator():
+    # the CUDA backend itself (kernels.cuda, as merged), driven by the array API's CUDA device on NumPy memory
+    from pathlib import Path
+
+    tests = str(Path(__file__).resolve().parent)
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    code = BACKEND_SIMULATOR_CHECK.format(tests=tests)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, cwd=tests)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "backend simulator ok" in proc.stdout

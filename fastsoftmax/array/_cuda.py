@@ -33,12 +33,13 @@ class CUDADevice:
     scalars = False
     _default = None
 
-    def __init__(self, cupy, backend, view, stream, lse_kernel):
+    def __init__(self, cupy, backend, view, stream, lse_kernel, lse_threads: int = 256):
         self.xp = cupy
         self._backend = backend
         self._view = view
         self._stream = stream
         self._lse_kernel = lse_kernel
+        self._lse_threads = lse_threads
 
     @classmethod
     def default(cls):
@@ -60,9 +61,9 @@ class CUDADevice:
                 return cuda.external_stream(handle) if handle else 0
 
             def lse_kernel(dtype: str):
-                return cuda_lse.compiled(dtype, config.CUDA_THREADS_PER_BLOCK)
+                return cuda_lse.compiled(dtype, cuda_lse.THREADS)
 
-            cls._default = cls(cupy, backend, view, stream, lse_kernel)
+            cls._default = cls(cupy, backend, view, stream, lse_kernel, cuda_lse.THREADS)
         return cls._default
 
     # --- arrays ---------------------------------------------------------------
@@ -114,7 +115,7 @@ class CUDADevice:
             return
         kernel = self._lse_kernel(np.dtype(x.dtype).name)
         blocks = min(x.shape[0], 65535)
-        kernel[blocks, config.CUDA_THREADS_PER_BLOCK, self._stream()](self._view(x), self._view(out))
+        kernel[blocks, self._lse_threads, self._stream()](self._view(x), self._view(out))
 
     def logsumexp_weighted(self, x, b, out, sign) -> None:
         """SciPy's weighted log-sum-exp in CuPy operations on the current stream (terms with ``b = 0`` left out)."""

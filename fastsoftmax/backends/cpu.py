@@ -240,6 +240,7 @@ def vocab_gradient(x, target, v0, weight, ignore_index, eps, n_classes, w_sum, s
         args = (x, target, v0, _weight(weight, x), ignore_index, eps, n_classes, w_sum, scale, row_max, row_sum, w_t, grad)
         _launch_forward(cpu_vocab.vocab_gradient, grad, *args)
 
+
 # --- log-sum-exp (the array API) ---------------------------------------------------
 
 
