@@ -7,7 +7,9 @@ On one NVIDIA GPU, in under 8 minutes on an H200 (``--budget`` seconds,
 
 1. the CUDA test suite, ``tests/test_cuda.py`` (every dtype, rows of 1 to
    262,144 columns, overflow, ``-inf`` masks, NaN placement, streams,
-   graphs, ``torch.compile``, a tensor past 2**31 elements), with
+   graphs, ``torch.compile``, a tensor past 2**31 elements) and the array
+   API's GPU tests, ``tests/test_array_devices.py`` (the log-sum-exp kernel
+   on numba device arrays; CuPy arrays where CuPy is installed), with
    ``compute-sanitizer`` memcheck and racecheck at the same time over small
    cases of every kernel (``--sanitize-cases``, this file run under the
    sanitizer with PyTorch's caching allocator off);
@@ -408,7 +410,7 @@ def sanitizer_result(proc_log, timeout: float) -> dict:
 def start_tests(out: Path):
     log = out / "pytest.log"
     xml = out / "pytest.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", "tests/test_cuda.py"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", "tests/test_cuda.py", "tests/test_array_devices.py"]
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT), log, xml
 
 

@@ -35,7 +35,7 @@ _LAZY = {
 }
 
 #: submodules reachable as attributes (``fastsoftmax.nn.CrossEntropyLoss``)
-_SUBMODULES = {"nn", "functional", "ops", "errors", "validation", "backends", "kernels", "distributed"}
+_SUBMODULES = {"nn", "functional", "ops", "errors", "validation", "backends", "kernels", "distributed", "array"}
 
 _ALIASES = {"naive": "fastsoftmax.apps.naive"}
 

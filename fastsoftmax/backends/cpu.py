@@ -21,7 +21,7 @@ import numba
 import numpy as np
 
 from ..errors import bad_target
-from ..kernels import config, cpu_common, cpu_middle, cpu_rows
+from ..kernels import config, cpu_common, cpu_lse, cpu_middle, cpu_rows
 
 _NO_WEIGHT = {np.float32: np.empty(0, np.float32), np.float64: np.empty(0, np.float64)}
 _F64 = _NO_WEIGHT[np.float64]
@@ -239,3 +239,31 @@ def vocab_gradient(x, target, v0, weight, ignore_index, eps, n_classes, w_sum, s
     if x.shape[0] and x.shape[1]:
         args = (x, target, v0, _weight(weight, x), ignore_index, eps, n_classes, w_sum, scale, row_max, row_sum, w_t, grad)
         _launch_forward(cpu_vocab.vocab_gradient, grad, *args)
+
+
+# --- log-sum-exp (the array API) ---------------------------------------------------
+
+
+def _lse_scratch(n_rows: int, n_cols: int, dtype) -> tuple:
+    workers = _workers(n_rows, n_cols)
+    return workers, np.empty((workers, cpu_common.BLOCK), dtype=dtype)
+
+
+def logsumexp(x, out) -> None:
+    """``out[i] = log(sum_j exp(x[i, j]))`` (float64, (R,)) for C-contiguous ``x`` (R, C): one read of ``x``."""
+    if x.shape[0]:
+        workers, scratch = _lse_scratch(*x.shape, x.dtype)
+        _launch(cpu_lse.logsumexp_rows, *x.shape, x, out, scratch, workers=workers)
+
+
+def logsumexp_middle(x, out) -> None:
+    """``out[o, i] = log(sum_c exp(x[o, c, i]))`` (float64, (O, I)) for C-contiguous ``x`` (O, C, I)."""
+    if x.size:
+        _launch_middle(cpu_lse.logsumexp_middle, x, out, total_rows=1)
+
+
+def logsumexp_weighted(x, b, out, sign) -> None:
+    """``out[i] = log|sum_j b[i, j] exp(x[i, j])|``, ``sign[i]`` its sign (both float64, (R,)); ``x``, ``b`` (R, C) of one dtype."""
+    if x.shape[0]:
+        workers, scratch = _lse_scratch(*x.shape, x.dtype)
+        _launch(cpu_lse.logsumexp_weighted_rows, *x.shape, x, b, out, sign, scratch, workers=workers)
