@@ -58,7 +58,7 @@ def _read_pass():
     """A Numba row sum over both cores: every element read once, no stores but one per row."""
     from numba import njit, prange
 
-    @njit(parallel=True, cache=True, fastmath=True)
+    @njit(parallel=True, fastmath=True)
     def row_sums(x, out):
         for i in prange(x.shape[0]):
             s = np.float32(0.0)

@@ -29,12 +29,12 @@ import statistics
 import numba
 import numpy as np
 import torch
+from fastsoftmax.kernels import cpu_common, cpu_rows, jit
+from fastsoftmax.kernels.intrinsics import store_fence
 
 import fastsoftmax
 from fastsoftmax.apps import bench
 from fastsoftmax.backends import cpu as cpu_backend
-from fastsoftmax.kernels import cpu_common, cpu_rows, jit
-from fastsoftmax.kernels.intrinsics import store_fence
 
 _JIT = dict(jit.OPTIONS, cache=False)
 

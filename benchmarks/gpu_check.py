@@ -319,11 +319,11 @@ def gpu_info() -> dict:
 def sanitize_cases() -> int:
     """Small cases that launch every kernel once (run under compute-sanitizer by :func:`start_sanitizer`)."""
     import torch
-
-    import fastsoftmax
     from fastsoftmax.kernels import config
     from fastsoftmax.kernels import cuda as kernels
     from fastsoftmax.kernels.cuda_softmax import capacity
+
+    import fastsoftmax
 
     torch.manual_seed(0)
     for dtype_name in kernels.DTYPES:
@@ -533,7 +533,6 @@ def measure(op, dtype_name, rows, cols, provider, fns) -> dict:
 
 def run_bench(results: dict, args, deadline: float) -> None:
     import torch
-
     from fastsoftmax.kernels import config
 
     config.CUDA_CHECK_TARGETS = False

@@ -17,10 +17,10 @@ import json
 import statistics
 
 import torch
+from fastsoftmax.kernels import config
 
 import fastsoftmax
 from fastsoftmax.apps import bench
-from fastsoftmax.kernels import config
 
 SHAPES = [
     ((32, 21, 128, 128), 1),  # semantic segmentation: 21 classes per pixel, NCHW

@@ -16,7 +16,15 @@ Inner loops are branch-free so that LLVM vectorises them.
 
 from . import config
 from .exp import vexp_nonpos
-from .intrinsics import fetch_add, lane_dot64, lane_sum, lane_sum64, prefetch, row_max, stream_vector
+from .intrinsics import (
+    fetch_add,
+    lane_dot64,
+    lane_sum,
+    lane_sum64,
+    prefetch,
+    row_max,
+    stream_vector,
+)
 from .jit import cast_like, exact, inline
 
 #: The forward kernels' sums (of exponentials, of logits) add the elements

@@ -38,7 +38,17 @@ import math
 from numba import njit, prange
 
 from . import rowmath
-from .cpu_common import BLOCK, WORKERS, claim, exp_sum, gap_sum, holds_nan, next_row, row_max_of, stream_row
+from .cpu_common import (
+    BLOCK,
+    WORKERS,
+    claim,
+    exp_sum,
+    gap_sum,
+    holds_nan,
+    next_row,
+    row_max_of,
+    stream_row,
+)
 from .exp import vexp_nonpos
 from .intrinsics import store_fence
 from .jit import EXACT, cast_like, inline, twins

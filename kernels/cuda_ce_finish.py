@@ -12,8 +12,8 @@ from numba import cuda
 from numba.cuda.types import boolean, int64, void
 
 from .cuda_codec import SHORT, codec
-from .cuda_reduce import FULL_MASK, MAX_WARPS, WARP, device, reducers
 from .cuda_cross_entropy import MEAN, SUM
+from .cuda_reduce import FULL_MASK, MAX_WARPS, WARP, device, reducers
 from .cuda_softmax import MAX_THREADS, _named
 
 

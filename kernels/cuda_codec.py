@@ -28,7 +28,15 @@ from numba import cuda
 from numba.cuda.core import config
 from numba.cuda.types import float32, float64, uint16, uint32
 
-from .cuda_intrinsics import exp2_approx, f16_to_f32, pack_bf16x2, pack_f16x2, u32_as_f32, vload, vstore
+from .cuda_intrinsics import (
+    exp2_approx,
+    f16_to_f32,
+    pack_bf16x2,
+    pack_f16x2,
+    u32_as_f32,
+    vload,
+    vstore,
+)
 
 #: Device functions are compiled once per argument types and inlined by
 #: NVVM (``alwaysinline``), not copied into every caller at Numba IR level

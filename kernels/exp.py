@@ -18,6 +18,7 @@ from numba.extending import overload
 from . import config
 from .intrinsics import pow2_from_shifted
 
+
 def vexp(x):
     """exp(x), within one ulp over the normal range (float32 with FMA: plus ``|x| * 2.75e-9``, below).
 

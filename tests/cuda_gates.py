@@ -26,7 +26,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import cuda_offline  # noqa: E402
-
 from fastsoftmax.kernels import cuda as kernels  # noqa: E402
 
 

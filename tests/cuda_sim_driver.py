@@ -23,18 +23,18 @@ import warnings  # noqa: E402
 # NumPy scalars stand for device floats: 1 / 0, inf - inf and friends are expected, as on the GPU
 warnings.filterwarnings("ignore", category=RuntimeWarning)
 
+import cuda_sim  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-import cuda_sim  # noqa: E402
 from helpers import TOLERANCES  # noqa: E402
 
 cuda_sim.install()
 cuda_sim.small_launch_shapes()
 
-from fastsoftmax.backends import cuda as be  # noqa: E402
 from fastsoftmax.kernels import cuda as kc  # noqa: E402
 from fastsoftmax.kernels.cuda_codec import codec  # noqa: E402
+
+from fastsoftmax.backends import cuda as be  # noqa: E402
 
 RNG = np.random.default_rng(0)
 TORCH = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}

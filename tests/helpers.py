@@ -3,7 +3,6 @@
 import numpy as np
 import torch
 
-
 # One table by dtype: (rtol, atol) of an output against the float64 reference
 # computed from the same (already rounded) input. Start from
 # torch.testing.assert_close's defaults; every change is commented.

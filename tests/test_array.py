@@ -13,12 +13,12 @@ import warnings
 import numpy as np
 import pytest
 import scipy.special as sp
+from fastsoftmax.kernels import config
 
 import fastsoftmax.array as fa
 from fastsoftmax import errors
 from fastsoftmax.array import _layout
 from fastsoftmax.array._checks import AxisError
-from fastsoftmax.kernels import config
 
 # (rtol, atol) of a result against the float64 reference computed from the same rounded input
 TOLERANCES = {

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
+from fastsoftmax.kernels import config, cpu_common, cpu_rows
 from helpers import assert_close, backward_reference, randn
+from numba import njit
 
 import fastsoftmax
-from fastsoftmax.kernels import config, cpu_common, cpu_rows
-from numba import njit
 
 # (claims per thread, minimum elements per claim): one row per claim, a few
 # rows per claim, and all rows in one claim (the other worker gets none)

@@ -248,7 +248,6 @@ def test_cuda_offline_resources_match_the_driver():
     """What the offline gates read from nvJitLink's report is what the driver reports for the loaded kernel."""
     sys.path.insert(0, str(HERE))
     import cuda_offline
-
     from fastsoftmax.kernels import cuda as kernels
 
     cc = torch.cuda.get_device_capability()

@@ -29,8 +29,10 @@ folder.
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,46 +57,64 @@ MODULES = {"softmax_fwd": "cuda_softmax", "softmax_bwd": "cuda_softmax", "ce_fin
 
 
 class Background:
-    """The gate shards and the simulator, started together."""
+    """The gate shards and the simulator, started together, each writing a log and its exit status to ``tmp``.
 
-    def __init__(self, tmp: Path):
+    Only one process starts them (``start=True``); under pytest-xdist every
+    worker makes a ``Background`` on the same folder and waits on its files,
+    so whichever worker runs the tests here reads what the starter launched.
+    """
+
+    def __init__(self, tmp: Path, start: bool = True):
+        self.tmp = tmp
         self.paths = [tmp / f"gates{i}.json" for i in range(SHARDS)]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        cache = os.environ.get("FASTSOFTMAX_GATES_CACHE", str(Path.home() / ".cache" / "fastsoftmax" / "cuda-gates"))
-        gate = [sys.executable, str(HERE / "cuda_gates.py")] + (["--cache", cache] if cache != "0" else [])
-        self.gates = [
-            subprocess.Popen(
-                gate + ["--shard", f"{i}/{SHARDS}", "--json", str(path)] + (["--controls"] if i == SHARDS - 1 else []),
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE, env=env,
-            )
-            for i, path in enumerate(self.paths)
-        ]
-        self.sim = subprocess.Popen(
-            [sys.executable, str(HERE / "cuda_sim_driver.py"), "--torch"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE,
-            env=dict(env, NUMBA_ENABLE_CUDASIM="1"),
-        )
+        self.procs = []
         self._report = None
+        if start:
+            tmp.mkdir(parents=True, exist_ok=True)
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            cache = os.environ.get("FASTSOFTMAX_GATES_CACHE", str(Path.home() / ".cache" / "fastsoftmax" / "cuda-gates"))
+            gate = [sys.executable, str(HERE / "cuda_gates.py")] + (["--cache", cache] if cache != "0" else [])
+            for i, path in enumerate(self.paths):
+                controls = ["--controls"] if i == SHARDS - 1 else []
+                self._launch(f"gates{i}", gate + ["--shard", f"{i}/{SHARDS}", "--json", str(path)] + controls, env)
+            self._launch("sim", [sys.executable, str(HERE / "cuda_sim_driver.py"), "--torch"], dict(env, NUMBA_ENABLE_CUDASIM="1"))
+
+    def _launch(self, name: str, cmd: list, env: dict):
+        """Run ``cmd`` with its output in ``name.log``; ``name.rc`` appears, whole, when it ends."""
+        log, rc = self.tmp / f"{name}.log", self.tmp / f"{name}.rc"
+        script = 'out=$1; rc=$2; shift 2; "$@" >"$out" 2>&1; echo $? >"$rc.part"; mv "$rc.part" "$rc"'
+        self.procs.append(subprocess.Popen(["sh", "-c", script, "sh", str(log), str(rc), *cmd], cwd=HERE, env=env, start_new_session=True))
+
+    def _wait(self, name: str, timeout: float = 900) -> tuple:
+        rc = self.tmp / f"{name}.rc"
+        deadline = time.monotonic() + timeout
+        while not rc.exists():
+            assert time.monotonic() < deadline, f"{name} did not finish in {timeout} s"
+            time.sleep(0.2)
+        return int(rc.read_text()), (self.tmp / f"{name}.log").read_text()
 
     def simulator(self):
-        out, _ = self.sim.communicate(timeout=900)
-        return self.sim.returncode, out
+        return self._wait("sim")
 
     def report(self) -> dict:
         if self._report is None:
             merged = {}
-            for proc, path in zip(self.gates, self.paths):
-                out, _ = proc.communicate(timeout=900)
-                assert proc.returncode == 0, out[-4000:]
+            for i, path in enumerate(self.paths):
+                code, out = self._wait(f"gates{i}")
+                assert code == 0, out[-4000:]
                 merged.update(json.loads(path.read_text()))
             self._report = merged
         return self._report
 
-    def close(self):
-        for proc in self.gates + [self.sim]:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+    def close(self, wait: float = 0.0):
+        """Wait up to ``wait`` seconds for what this process started (another worker may still read it), then stop it."""
+        deadline = time.monotonic() + wait
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # the shell and the process under it
+                proc.wait()
 
 
 @pytest.fixture(scope="module")

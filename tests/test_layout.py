@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"fastsoftmax": ROOT / "fastsoftmax", "fastsoftmax.kernels": ROOT / "kernels"}
 

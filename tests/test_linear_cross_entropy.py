@@ -7,10 +7,10 @@ import re
 import pytest
 import torch
 import torch.nn.functional as TF
+from fastsoftmax.kernels import config
 from helpers import TOLERANCES, assert_close
 
 import fastsoftmax
-from fastsoftmax.kernels import config
 from fastsoftmax import errors
 from fastsoftmax.ops import linear_cross_entropy as lce
 from fastsoftmax.ops import linear_cross_entropy_chunks as chunks

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
+from fastsoftmax.kernels import exp
+from fastsoftmax.kernels.exp import vexp, vexp_nonpos
 from helpers import FLOAT_DTYPES, assert_close, randn
+from numba import njit
 
 import fastsoftmax
 from fastsoftmax import naive
-from fastsoftmax.kernels import exp
-from fastsoftmax.kernels.exp import vexp, vexp_nonpos
-from numba import njit
 
 F32_MAX = float(torch.finfo(torch.float32).max)
 

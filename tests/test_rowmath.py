@@ -5,7 +5,6 @@ import random
 
 import numpy as np
 import pytest
-
 from fastsoftmax.kernels import exp, rowmath
 
 

@@ -3,11 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as TF
+from fastsoftmax.kernels import config
 from helpers import FLOAT_DTYPES, assert_close, backward_reference, randn
 
 import fastsoftmax
 from fastsoftmax.backends import cpu as cpu_backend
-from fastsoftmax.kernels import config
 
 OPS = [(fastsoftmax.softmax, TF.softmax), (fastsoftmax.log_softmax, TF.log_softmax)]
 OP_IDS = ["softmax", "log_softmax"]

@@ -10,8 +10,14 @@ Both need two small collectives per batch of rows (:mod:`.rows`), never the
 logits themselves.
 """
 
-from .cross_entropy import VocabParallelCrossEntropyFunction, vocab_parallel_cross_entropy
-from .linear import VocabParallelLinearCrossEntropyFunction, vocab_parallel_linear_cross_entropy
+from .cross_entropy import (
+    VocabParallelCrossEntropyFunction,
+    vocab_parallel_cross_entropy,
+)
+from .linear import (
+    VocabParallelLinearCrossEntropyFunction,
+    vocab_parallel_linear_cross_entropy,
+)
 
 __all__ = [
     "vocab_parallel_cross_entropy",

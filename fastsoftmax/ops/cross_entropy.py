@@ -27,7 +27,6 @@ it.
 
 from typing import Optional
 
-
 import torch
 from torch import Tensor
 from torch.library import custom_op
@@ -37,7 +36,6 @@ from ..errors import ShapeError
 from ..kernels import config
 from . import cross_entropy_cpu as cpu_design
 from . import cross_entropy_cuda as cuda_design
-from .layout import device, empty_moved, to_dtype
 from .cross_entropy_graph import (  # noqa: F401  (composite, lse_graph, z_term_graph: for functional)
     backward_graph,
     composite,
@@ -46,6 +44,7 @@ from .cross_entropy_graph import (  # noqa: F401  (composite, lse_graph, z_term_
     lse_graph,
     z_term_graph,
 )
+from .layout import device, empty_moved, to_dtype
 
 
 def _grad_fake(input: Tensor, compute_grad: bool, target=None, weight=None, z_loss=0.0, want_lse=False) -> Tensor:

@@ -33,7 +33,6 @@ from ..kernels import config
 from . import layout
 from .layout import as_rows, device, rows_last, to_dtype
 
-
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
