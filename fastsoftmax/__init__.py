@@ -10,6 +10,10 @@ Importing this package is cheap: torch, Numba and the kernels load on first
 use of a name that needs them (PEP 562), so the command line answers at
 once. When torch is already imported, the ``torch.ops.fastsoftmax`` ops are
 registered right away, so that they exist for code that calls them directly.
+
+PyTorch is an optional dependency (``pip install 'fastsoftmax[torch]'``):
+:mod:`fastsoftmax.array` runs the same kernels on NumPy and CuPy arrays
+without it, and a name that needs it says so when torch is missing.
 """
 
 import importlib
@@ -58,13 +62,26 @@ __all__ = [
 ]
 
 
+def _import(module: str, name: str):
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        if error.name != "torch":
+            raise
+        raise ModuleNotFoundError(
+            f"fastsoftmax.{name} needs PyTorch, which is not installed: pip install 'fastsoftmax[torch]' "
+            "(fastsoftmax.array runs on NumPy arrays without it)",
+            name="torch",
+        ) from error
+
+
 def __getattr__(name: str):
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(_import(_LAZY[name], name), name)
     elif name in _SUBMODULES:
-        value = importlib.import_module(f"{__name__}.{name}")
+        value = _import(f"{__name__}.{name}", name)
     elif name in _ALIASES:
-        value = importlib.import_module(_ALIASES[name])
+        value = _import(_ALIASES[name], name)
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value
@@ -75,5 +92,5 @@ def __dir__():
     return sorted(set(globals()) | set(__all__) | _SUBMODULES)
 
 
-if "torch" in sys.modules:
+if sys.modules.get("torch") is not None:
     from . import ops  # noqa: F401  (registers torch.ops.fastsoftmax.*)

@@ -409,20 +409,40 @@ def test_cross_entropy_no_classes_as_torch():
 # --- no torch ---------------------------------------------------------------------------
 
 
-def test_numpy_use_imports_no_torch():
+def test_numpy_use_needs_no_torch():
+    """With torch impossible to import (as where it is not installed), the array API runs, and the torch API says what to install."""
     code = """
 import sys
+sys.modules["torch"] = None  # any import of torch now fails, as it does where torch is not installed
 import numpy as np
-import fastsoftmax.array as fa
+import fastsoftmax, fastsoftmax.array as fa
 x = np.random.default_rng(0).standard_normal((64, 300)).astype(np.float32)
 fa.softmax(x, axis=-1); fa.log_softmax(x, axis=0); fa.logsumexp(x, axis=(0, 1), b=2.0, return_sign=True)
 y = fa.softmax(x, axis=1); fa.softmax_backward(y, x, axis=1); fa.log_softmax_backward(y, x, axis=1)
 fa.cross_entropy(x, np.zeros(64, np.int64), return_grad=True, label_smoothing=0.1)
 fa.softmax(x.astype(np.float16), axis=1)
-print("torch" in sys.modules, "fastsoftmax.ops" in sys.modules)
+print("fastsoftmax.ops" in sys.modules)
+try:
+    fastsoftmax.softmax
+except ModuleNotFoundError as error:
+    print(error.name, error)
+from fastsoftmax.apps import cli
+print(cli.main(["demo"]))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False", "False"]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "False"
+    assert lines[1].startswith("torch fastsoftmax.softmax needs PyTorch") and "pip install 'fastsoftmax[torch]'" in lines[1]
+    assert lines[2] == "2" and "pip install 'fastsoftmax[torch]'" in proc.stderr
+
+
+def test_torch_is_an_optional_dependency():
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.startswith("torch")]
+    assert any(d.startswith("torch") for d in project["optional-dependencies"]["torch"])
 
 
 def test_benchmark_script_runs_once_on_a_small_shape(tmp_path):

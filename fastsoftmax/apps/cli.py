@@ -130,6 +130,11 @@ def main(argv=None) -> int:
     except MissingExtra as error:
         print(error, file=sys.stderr)
         return 2
+    except ModuleNotFoundError as error:
+        if error.name != "torch":
+            raise
+        print("fastsoftmax: this command needs PyTorch, which is not installed: pip install 'fastsoftmax[torch]'", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
