@@ -11,9 +11,9 @@ use of a name that needs them (PEP 562), so the command line answers at
 once. When torch is already imported, the ``torch.ops.fastsoftmax`` ops are
 registered right away, so that they exist for code that calls them directly.
 
-PyTorch is an optional dependency (``pip install 'fastsoftmax[torch]'``):
 :mod:`fastsoftmax.array` runs the same kernels on NumPy and CuPy arrays
-without it, and a name that needs it says so when torch is missing.
+without torch, even where it is not installed (``pip install --no-deps
+fastsoftmax numpy numba``); a name that needs torch then says so.
 """
 
 import importlib
@@ -69,7 +69,7 @@ def _import(module: str, name: str):
         if error.name != "torch":
             raise
         raise ModuleNotFoundError(
-            f"fastsoftmax.{name} needs PyTorch, which is not installed: pip install 'fastsoftmax[torch]' "
+            f"fastsoftmax.{name} needs PyTorch, which is not installed: pip install torch "
             "(fastsoftmax.array runs on NumPy arrays without it)",
             name="torch",
         ) from error

@@ -62,6 +62,27 @@ def test_a_row_is_the_same_bits_alone_and_anywhere_in_a_batch(dtype, n_cols):
         assert torch.equal(a, b[5:])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_rows_of_a_few_classes_same_bits_in_one_call_and_on_threads(dtype):
+    """The book's 10 classes: a small batch is one serial call (kernels/cpu_small.py), a large one the
+    threaded middle-axis kernels on a transposed copy; the plain calls of all three ops."""
+    x, t, _ = _rows(4000, 10, dtype)
+    assert cpu_backend.small_rows(100, 10) and not cpu_backend.small_rows(4000, 10)
+
+    def ops(x, t):
+        out = []
+        for op in (fastsoftmax.softmax, fastsoftmax.log_softmax):
+            xx = x.clone().requires_grad_()
+            y = op(xx, -1)
+            out += [y, torch.autograd.grad(y, xx, torch.cos(x))[0]]
+        xx = x.clone().requires_grad_()
+        loss = fastsoftmax.cross_entropy(xx, t, reduction="none", label_smoothing=0.1)
+        return out + [loss, torch.autograd.grad(loss, xx, torch.ones_like(loss))[0]]
+
+    for a, b in zip(ops(x[:100], t[:100]), ops(x, t)):
+        assert torch.equal(a, b[:100])
+
+
 def test_same_bits_whatever_the_thread_count_and_the_twin(monkeypatch):
     x, t, q = _rows(257, 1001, torch.float32)
     w = torch.rand(1001) + 0.5

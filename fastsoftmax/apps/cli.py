@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     except ModuleNotFoundError as error:
         if error.name != "torch":
             raise
-        print("fastsoftmax: this command needs PyTorch, which is not installed: pip install 'fastsoftmax[torch]'", file=sys.stderr)
+        print("fastsoftmax: this command needs PyTorch, which is not installed: pip install torch", file=sys.stderr)
         return 2
 
 

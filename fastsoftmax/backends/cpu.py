@@ -21,7 +21,7 @@ import numba
 import numpy as np
 
 from ..errors import bad_target
-from ..kernels import config, cpu_common, cpu_lse, cpu_middle, cpu_rows
+from ..kernels import config, cpu_common, cpu_lse, cpu_middle, cpu_rows, cpu_small
 
 _NO_WEIGHT = {np.float32: np.empty(0, np.float32), np.float64: np.empty(0, np.float64)}
 _F64 = _NO_WEIGHT[np.float64]
@@ -141,13 +141,18 @@ def _launch_middle(kernel, x: np.ndarray, *args, scratch_rows: int = 2, total_ro
     Scratch: ``(workers, scratch_rows, W)`` in ``x``'s dtype and ``(workers, total_rows, W)`` float64.
     """
     n_outer, n_classes, n_inner = x.shape
-    width = config.CPU_MIDDLE_BLOCK_BYTES // (2 * n_classes * x.itemsize)
-    width = min(n_inner, max(16, width // 16 * 16))
+    width = _middle_width(n_classes, n_inner, x.itemsize)
     n_items = n_outer * -(-n_inner // width)
     workers = _workers(n_items, n_classes * width)
     scratch = np.empty((workers, scratch_rows, width), dtype=x.dtype)
     totals = np.empty((workers, total_rows, width), dtype=np.float64)
     _launch(kernel, n_items, n_classes * width, x, *args, scratch, totals, workers=workers, last=last)
+
+
+def _middle_width(n_classes: int, n_inner: int, itemsize: int) -> int:
+    """Inner positions per work item: a block of input and output within ``config.CPU_MIDDLE_BLOCK_BYTES``."""
+    width = config.CPU_MIDDLE_BLOCK_BYTES // (2 * n_classes * itemsize)
+    return min(n_inner, max(16, width // 16 * 16))
 
 
 def softmax_forward_middle(x, y, log: bool) -> None:
@@ -157,6 +162,37 @@ def softmax_forward_middle(x, y, log: bool) -> None:
 
 def softmax_backward_middle(y, dy, dx, log: bool) -> None:
     _launch_middle(cpu_middle.softmax_backward_middle, y, dy, dx, last=(log,))
+
+
+# --- rows of a few classes, small inputs: one serial call ------------------------
+
+
+def small_rows(n_rows: int, n_classes: int) -> bool:
+    """Whether rows ``(R, C)`` take the one-call kernels of :mod:`kernels.cpu_small`: few classes, no threads."""
+    return 0 < n_classes <= config.CPU_SMALL_CLASSES and 0 < n_rows * n_classes < config.CPU_PARALLEL_MIN_ELEMENTS
+
+
+def _launch_small(kernel, x: np.ndarray, *args, scratch_rows: int = 2, last: tuple = ()) -> None:
+    """A :mod:`kernels.cpu_small` kernel on rows ``x`` (R, C): the scratch of :func:`_launch_middle` for one worker."""
+    n_rows, n_classes = x.shape
+    width = _middle_width(n_classes, n_rows, x.itemsize)
+    scratch = np.empty((1, scratch_rows, width), dtype=x.dtype)
+    totals = np.empty((1, 2, width), dtype=np.float64)
+    kernel(x, *args, scratch, totals, _queue(-(-n_rows // width), n_classes * width, 1), *last)
+
+
+def softmax_forward_small(x, y, log: bool) -> None:
+    _launch_small(cpu_small.softmax_forward_small, x, y, last=(log,))
+
+
+def softmax_backward_small(y, dy, dx, log: bool) -> None:
+    _launch_small(cpu_small.softmax_backward_small, y, dy, dx, last=(log,))
+
+
+def cross_entropy_index_small(x, target, weight, ignore_index, eps, scale, z_scale, loss, lse, grad) -> None:
+    """:func:`cross_entropy_index` for :func:`small_rows` (targets already checked); ``grad`` (R, C) or no rows."""
+    args = (target, _weight(weight, x), ignore_index, eps, scale, z_scale, loss, lse, grad)
+    _launch_small(cpu_small.cross_entropy_index_small, x, *args, scratch_rows=6)
 
 
 def scales(denom: float, count: int, reduction: str, z_loss: float) -> tuple:

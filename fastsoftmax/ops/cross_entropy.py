@@ -54,7 +54,9 @@ def _grad_fake(input: Tensor, compute_grad: bool, target=None, weight=None, z_lo
         return input.new_empty((0,), dtype=compute)
     small = target is not None and 0 < input.shape[-1] <= config.CPU_SMALL_CLASSES and input.shape[0] > 0
     if dev.name == "cpu" and small and cpu_design.plain_rows(input, target, weight, z_loss, want_lse, False):
-        return input.new_empty((input.shape[1], input.shape[0]), dtype=compute).t()  # cross_entropy_cpu._forward_rows's transposed layout
+        if not dev.backend().small_rows(*input.shape):
+            return input.new_empty((input.shape[1], input.shape[0]), dtype=compute).t()  # cross_entropy_cpu._forward_rows's transposed layout
+        return input.new_empty(input.shape, dtype=compute)
     if input.ndim > 2 and dev.middle_shape(input, 1) is not None:
         return input.new_empty(input.shape, dtype=compute)  # the middle-axis kernel's layout
     return empty_moved(input, 0 if input.ndim == 1 else 1, compute)

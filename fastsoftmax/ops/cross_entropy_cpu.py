@@ -118,7 +118,13 @@ def _forward_rows(input, target, ignore_index, reduction, eps, compute_grad):
     denom, count = be.check_targets(t, n_classes, ignore_index, None)
     scale, _ = be.scales(denom, count, reduction, 0.0)
     loss = np.empty(n_rows)
-    if n_classes <= config.CPU_SMALL_CLASSES and n_rows:
+    if be.small_rows(n_rows, n_classes):
+        # a few classes and rows: the middle-axis kernel on the rows transposed inside one serial call
+        grad = layout._CPU.empty(input.shape if compute_grad else (0, n_classes), input.dtype)
+        args = (input.detach().numpy(), t, None, ignore_index, eps, scale, 0.0, loss)
+        be.cross_entropy_index_small(*args, _empty_of(torch.float64), grad.numpy())
+        grad = grad if compute_grad else grad.view(0)
+    elif n_classes <= config.CPU_SMALL_CLASSES and n_rows:
         # a few classes: the rows transposed, so that the middle-axis kernel vectorises across them
         # (the row kernel would compute each row's few exponentials one at a time)
         x3 = input.detach().t().contiguous().view(1, n_classes, n_rows)

@@ -37,9 +37,15 @@ _KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 def _cpu_backend():
-    from ..backends import cpu
+    global _CPU_BACKEND
+    if _CPU_BACKEND is None:  # imported on first use: it loads Numba and the kernels
+        from ..backends import cpu
 
-    return cpu
+        _CPU_BACKEND = cpu
+    return _CPU_BACKEND
+
+
+_CPU_BACKEND = None
 
 
 def _small_rows(kernel, inputs, log):
@@ -47,7 +53,9 @@ def _small_rows(kernel, inputs, log):
 
     The row kernels would take each row's few exponentials one at a time. For
     rows of at most 16 classes both kernels add in the same order, so the
-    bits do not depend on the path.
+    bits do not depend on the path. Inputs too small for threads take the
+    kernels of ``kernels/cpu_small.py`` instead, which transpose inside one
+    serial call.
     """
     n = inputs[0].shape[-1]
     cols = [t.detach().reshape(-1, n).t().contiguous() for t in inputs]
@@ -98,7 +106,12 @@ def forward(x: Tensor, dim: int, log: bool) -> Tensor:
         # the plain call, with the fewest tensor operations (at 256 x 10 they cost more than the kernel)
         n = x.shape[-1]
         if 0 < n <= config.CPU_SMALL_CLASSES and x.numel():
-            return _small_rows(_cpu_backend().softmax_forward_middle, [x], log)
+            be = _cpu_backend()
+            if be.small_rows(x.numel() // n, n):
+                y = layout._CPU.empty(x.shape, x.dtype)
+                be.softmax_forward_small(x.detach().numpy().reshape(-1, n), y.numpy().reshape(-1, n), log)
+                return y
+            return _small_rows(be.softmax_forward_middle, [x], log)
         y = layout._CPU.empty(x.shape, x.dtype)
         if x.numel():
             _cpu_backend().softmax_forward(x.detach().numpy().reshape(-1, n), y.numpy().reshape(-1, n), log)
@@ -126,11 +139,16 @@ def backward(y: Tensor, dy: Tensor, dim: int, log: bool) -> Tensor:
         and dy.dtype == y.dtype
         and y.is_cpu
         and y.is_contiguous()
-        and dy.is_contiguous()
     ):
+        dy = dy.contiguous()  # the gradient of a sum arrives expanded from one element
         n = y.shape[-1]
         if 0 < n <= config.CPU_SMALL_CLASSES and y.numel():
-            return _small_rows(_cpu_backend().softmax_backward_middle, [y, dy], log)
+            be = _cpu_backend()
+            if be.small_rows(y.numel() // n, n):
+                dx = layout._CPU.empty(y.shape, y.dtype)
+                be.softmax_backward_small(*(t.detach().numpy().reshape(-1, n) for t in (y, dy, dx)), log)
+                return dx
+            return _small_rows(be.softmax_backward_middle, [y, dy], log)
         dx = layout._CPU.empty(y.shape, y.dtype)
         if y.numel():
             rows = (t.detach().numpy().reshape(-1, n) for t in (y, dy, dx))
