@@ -14,7 +14,11 @@ parallel middle-axis kernels on copies made by the host.
 import numpy as np
 from numba import njit
 
-from .cpu_middle import cross_entropy_index_middle, softmax_backward_middle, softmax_forward_middle
+from .cpu_middle import (
+    cross_entropy_index_middle,
+    softmax_backward_middle,
+    softmax_forward_middle,
+)
 from .jit import OPTIONS, inline, renamed
 
 _forward_middle = softmax_forward_middle[False]
