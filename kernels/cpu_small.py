@@ -19,6 +19,7 @@ from .cpu_middle import (
     softmax_backward_middle,
     softmax_forward_middle,
 )
+from .cpu_rows import check_targets
 from .jit import OPTIONS, inline, renamed
 
 _forward_middle = softmax_forward_middle[False]
@@ -59,20 +60,35 @@ def _softmax_backward_small(y, dy, dx, scratch, totals, queue, log):
     _rows(dxt, dx)
 
 
-def _cross_entropy_index_small(x, target, weight, ignore_index, eps, scale, z_scale, loss, lse, grad, scratch, totals, queue):
-    """:func:`.cpu_middle._cross_entropy_index_middle` on rows ``x`` (R, C), targets and losses ``(R,)``, ``grad`` (R, C) or no rows."""
+def _cross_entropy_small(x, target, ignore_index, eps, mean, loss, grad, scratch, totals, queue):
+    """The plain fused cross-entropy (no class weights) on rows ``x`` (R, C), with its target check.
+
+    Checks the class indices first (:func:`.cpu_rows.check_targets`) and
+    returns ``(position of the first bad target, -1 if none; total kept
+    weight)`` before reading a logit when one is bad. Then the per-row loss
+    of :func:`.cpu_middle._cross_entropy_index_middle` into ``loss`` (R,)
+    and, when ``grad`` (R, C) has rows, the gradient scaled for the
+    reduction: ``1 / total`` for a mean (NaN when the total is 0, as torch's
+    0/0), 1 otherwise.
+    """
     n_rows, n_classes = x.shape
-    want_grad = grad.shape[0] > 0
-    gt = np.empty((1 if want_grad else 0, n_classes, n_rows), x.dtype)
-    lse2 = lse.reshape((1, n_rows)) if lse.shape[0] > 0 else lse.reshape((0, n_rows))
+    no_weight = np.empty(0, x.dtype)
+    bad, denom, _ = check_targets(target, n_classes, ignore_index, np.empty(0, np.float64))
+    if bad >= 0:
+        return bad, denom
+    scale = 1.0
+    if mean:
+        scale = 1.0 / denom if denom else np.nan
+    gt = np.empty((1 if grad.shape[0] > 0 else 0, n_classes, n_rows), x.dtype)
     _cross_entropy_middle(
-        _columns(x), target.reshape((1, n_rows)), weight, ignore_index, eps, scale, z_scale,
-        loss.reshape((1, n_rows)), lse2, gt, scratch, totals, queue,
+        _columns(x), target.reshape((1, n_rows)), no_weight, ignore_index, eps, scale, 0.0,
+        loss.reshape((1, n_rows)), np.empty((0, n_rows), np.float64), gt, scratch, totals, queue,
     )
-    if want_grad:
+    if grad.shape[0] > 0:
         _rows(gt, grad)
+    return -1, denom
 
 
 softmax_forward_small = njit(**OPTIONS)(renamed(_softmax_forward_small, "_serial"))
 softmax_backward_small = njit(**OPTIONS)(renamed(_softmax_backward_small, "_serial"))
-cross_entropy_index_small = njit(**OPTIONS)(renamed(_cross_entropy_index_small, "_serial"))
+cross_entropy_small = njit(**OPTIONS)(renamed(_cross_entropy_small, "_serial"))

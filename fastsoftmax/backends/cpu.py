@@ -172,27 +172,34 @@ def small_rows(n_rows: int, n_classes: int) -> bool:
     return 0 < n_classes <= config.CPU_SMALL_CLASSES and 0 < n_rows * n_classes < config.CPU_PARALLEL_MIN_ELEMENTS
 
 
-def _launch_small(kernel, x: np.ndarray, *args, scratch_rows: int = 2, last: tuple = ()) -> None:
-    """A :mod:`kernels.cpu_small` kernel on rows ``x`` (R, C): the scratch of :func:`_launch_middle` for one worker."""
+def _small_scratch(x: np.ndarray, scratch_rows: int) -> tuple:
+    """``(scratch, totals, queue)`` of a :mod:`kernels.cpu_small` kernel on rows ``x``: :func:`_launch_middle`'s for one worker."""
     n_rows, n_classes = x.shape
     width = _middle_width(n_classes, n_rows, x.itemsize)
     scratch = np.empty((1, scratch_rows, width), dtype=x.dtype)
     totals = np.empty((1, 2, width), dtype=np.float64)
-    kernel(x, *args, scratch, totals, _queue(-(-n_rows // width), n_classes * width, 1), *last)
+    return scratch, totals, _queue(-(-n_rows // width), n_classes * width, 1)
 
 
 def softmax_forward_small(x, y, log: bool) -> None:
-    _launch_small(cpu_small.softmax_forward_small, x, y, last=(log,))
+    cpu_small.softmax_forward_small(x, y, *_small_scratch(x, 2), log)
 
 
 def softmax_backward_small(y, dy, dx, log: bool) -> None:
-    _launch_small(cpu_small.softmax_backward_small, y, dy, dx, last=(log,))
+    cpu_small.softmax_backward_small(y, dy, dx, *_small_scratch(y, 2), log)
 
 
-def cross_entropy_index_small(x, target, weight, ignore_index, eps, scale, z_scale, loss, lse, grad) -> None:
-    """:func:`cross_entropy_index` for :func:`small_rows` (targets already checked); ``grad`` (R, C) or no rows."""
-    args = (target, _weight(weight, x), ignore_index, eps, scale, z_scale, loss, lse, grad)
-    _launch_small(cpu_small.cross_entropy_index_small, x, *args, scratch_rows=6)
+def cross_entropy_small(x, target, ignore_index: int, eps: float, reduction: str, loss, grad) -> float:
+    """The plain cross-entropy (no weights) on :func:`small_rows`, targets checked in the same call; returns the kept total.
+
+    ``loss`` (R,) gets the per-row losses, ``grad`` (R, C) or no rows the
+    gradient scaled for ``reduction``. A bad class index raises IndexError
+    before any logit is read.
+    """
+    bad, denom = cpu_small.cross_entropy_small(x, target, ignore_index, eps, reduction == "mean", loss, grad, *_small_scratch(x, 6))
+    if bad >= 0:
+        raise bad_target(int(target[bad]), bad, x.shape[1], ignore_index)
+    return denom
 
 
 def scales(denom: float, count: int, reduction: str, z_loss: float) -> tuple:

@@ -115,16 +115,15 @@ def _forward_rows(input, target, ignore_index, reduction, eps, compute_grad):
     be = device(input).backend()
     n_rows, n_classes = input.shape
     t = target.numpy()
-    denom, count = be.check_targets(t, n_classes, ignore_index, None)
-    scale, _ = be.scales(denom, count, reduction, 0.0)
     loss = np.empty(n_rows)
     if be.small_rows(n_rows, n_classes):
-        # a few classes and rows: the middle-axis kernel on the rows transposed inside one serial call
+        # a few classes and rows: one serial call checks the targets, transposes and runs the middle-axis kernel
         grad = layout._CPU.empty(input.shape if compute_grad else (0, n_classes), input.dtype)
-        args = (input.detach().numpy(), t, None, ignore_index, eps, scale, 0.0, loss)
-        be.cross_entropy_index_small(*args, _empty_of(torch.float64), grad.numpy())
-        grad = grad if compute_grad else grad.view(0)
-    elif n_classes <= config.CPU_SMALL_CLASSES and n_rows:
+        denom = be.cross_entropy_small(input.detach().numpy(), t, ignore_index, eps, reduction, loss, grad.numpy())
+        return _reduced(input, loss, reduction, denom), (grad if compute_grad else grad.view(0)), _NO_LSE[input.dtype]
+    denom, count = be.check_targets(t, n_classes, ignore_index, None)
+    scale, _ = be.scales(denom, count, reduction, 0.0)
+    if n_classes <= config.CPU_SMALL_CLASSES and n_rows:
         # a few classes: the rows transposed, so that the middle-axis kernel vectorises across them
         # (the row kernel would compute each row's few exponentials one at a time)
         x3 = input.detach().t().contiguous().view(1, n_classes, n_rows)
@@ -137,12 +136,15 @@ def _forward_rows(input, target, ignore_index, reduction, eps, compute_grad):
         args = (input.detach().numpy(), t, None, ignore_index, eps, scale, 0.0, loss)
         be.cross_entropy_index(*args, _empty_of(torch.float64), grad.numpy())
         grad = grad if compute_grad else grad.view(0)
+    return _reduced(input, loss, reduction, denom), grad, _NO_LSE[input.dtype]
+
+
+def _reduced(input, loss: np.ndarray, reduction: str, denom: float):
+    """The float64 per-row losses reduced (the sum, or over the kept weight ``denom`` for a mean) in ``input``'s dtype."""
     if reduction == "none":
-        total = torch.from_numpy(loss).to(input.dtype)
-    else:
-        value = float(loss.sum()) if loss.size else 0.0
-        total = torch.scalar_tensor(value if reduction == "sum" else (value / denom if denom else math.nan), dtype=input.dtype)
-    return total, grad, _NO_LSE[input.dtype]
+        return torch.from_numpy(loss).to(input.dtype)
+    value = float(loss.sum()) if loss.size else 0.0
+    return torch.scalar_tensor(value if reduction == "sum" else (value / denom if denom else math.nan), dtype=input.dtype)
 
 
 _NO_LSE = {dtype: torch.empty(0, dtype=dtype) for dtype in _KERNEL_DTYPES}
