@@ -19,6 +19,7 @@ from .cpu_middle import (
     softmax_backward_middle,
     softmax_forward_middle,
 )
+from .cpu_common import STEP, WORKERS
 from .cpu_rows import check_targets
 from .jit import OPTIONS, inline, renamed
 
@@ -39,6 +40,16 @@ def _columns(x):
 
 
 @inline
+def _work(x, scratch_rows):
+    """The middle-axis kernels' scratch, totals and work queue for one worker and one block of all R positions."""
+    n_rows = x.shape[0]
+    queue = np.zeros(3, np.int64)
+    queue[STEP] = 1
+    queue[WORKERS] = 1
+    return np.empty((1, scratch_rows, n_rows), x.dtype), np.empty((1, 2, n_rows), np.float64), queue
+
+
+@inline
 def _rows(t, out):
     """``out`` (R, C) from ``t`` (1, C, R)."""
     for i in range(out.shape[0]):
@@ -46,21 +57,21 @@ def _rows(t, out):
             out[i, c] = t[0, c, i]
 
 
-def _softmax_forward_small(x, y, scratch, totals, queue, log):
+def _softmax_forward_small(x, y, log):
     """``y = softmax(x)`` (or ``log_softmax``) over the rows of ``(R, C)`` arrays, through the middle-axis kernel."""
     yt = np.empty((1, x.shape[1], x.shape[0]), y.dtype)
-    _forward_middle(_columns(x), yt, scratch, totals, queue, log)
+    _forward_middle(_columns(x), yt, *_work(x, 2), log)
     _rows(yt, y)
 
 
-def _softmax_backward_small(y, dy, dx, scratch, totals, queue, log):
+def _softmax_backward_small(y, dy, dx, log):
     """The gradient of :func:`_softmax_forward_small` from its output ``y``, rows ``(R, C)``."""
     dxt = np.empty((1, y.shape[1], y.shape[0]), dx.dtype)
-    _backward_middle(_columns(y), _columns(dy), dxt, scratch, totals, queue, log)
+    _backward_middle(_columns(y), _columns(dy), dxt, *_work(y, 2), log)
     _rows(dxt, dx)
 
 
-def _cross_entropy_small(x, target, ignore_index, eps, mean, loss, grad, scratch, totals, queue):
+def _cross_entropy_small(x, target, ignore_index, eps, mean, loss, grad):
     """The plain fused cross-entropy (no class weights) on rows ``x`` (R, C), with its target check.
 
     Checks the class indices first (:func:`.cpu_rows.check_targets`) and
@@ -82,7 +93,7 @@ def _cross_entropy_small(x, target, ignore_index, eps, mean, loss, grad, scratch
     gt = np.empty((1 if grad.shape[0] > 0 else 0, n_classes, n_rows), x.dtype)
     _cross_entropy_middle(
         _columns(x), target.reshape((1, n_rows)), no_weight, ignore_index, eps, scale, 0.0,
-        loss.reshape((1, n_rows)), np.empty((0, n_rows), np.float64), gt, scratch, totals, queue,
+        loss.reshape((1, n_rows)), np.empty((0, n_rows), np.float64), gt, *_work(x, 6),
     )
     if grad.shape[0] > 0:
         _rows(gt, grad)

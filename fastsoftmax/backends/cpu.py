@@ -172,21 +172,12 @@ def small_rows(n_rows: int, n_classes: int) -> bool:
     return 0 < n_classes <= config.CPU_SMALL_CLASSES and 0 < n_rows * n_classes < config.CPU_PARALLEL_MIN_ELEMENTS
 
 
-def _small_scratch(x: np.ndarray, scratch_rows: int) -> tuple:
-    """``(scratch, totals, queue)`` of a :mod:`kernels.cpu_small` kernel on rows ``x``: :func:`_launch_middle`'s for one worker."""
-    n_rows, n_classes = x.shape
-    width = _middle_width(n_classes, n_rows, x.itemsize)
-    scratch = np.empty((1, scratch_rows, width), dtype=x.dtype)
-    totals = np.empty((1, 2, width), dtype=np.float64)
-    return scratch, totals, _queue(-(-n_rows // width), n_classes * width, 1)
-
-
 def softmax_forward_small(x, y, log: bool) -> None:
-    cpu_small.softmax_forward_small(x, y, *_small_scratch(x, 2), log)
+    cpu_small.softmax_forward_small(x, y, log)
 
 
 def softmax_backward_small(y, dy, dx, log: bool) -> None:
-    cpu_small.softmax_backward_small(y, dy, dx, *_small_scratch(y, 2), log)
+    cpu_small.softmax_backward_small(y, dy, dx, log)
 
 
 def cross_entropy_small(x, target, ignore_index: int, eps: float, reduction: str, loss, grad) -> float:
@@ -196,7 +187,7 @@ def cross_entropy_small(x, target, ignore_index: int, eps: float, reduction: str
     gradient scaled for ``reduction``. A bad class index raises IndexError
     before any logit is read.
     """
-    bad, denom = cpu_small.cross_entropy_small(x, target, ignore_index, eps, reduction == "mean", loss, grad, *_small_scratch(x, 6))
+    bad, denom = cpu_small.cross_entropy_small(x, target, ignore_index, eps, reduction == "mean", loss, grad)
     if bad >= 0:
         raise bad_target(int(target[bad]), bad, x.shape[1], ignore_index)
     return denom

@@ -244,11 +244,9 @@ def _function_forward(ctx, input, dim, log):
 
 def _function_backward(ctx, grad_output, log):
     (y,) = ctx.saved_tensors
-
-    def kernel(y, dy, dim):
-        return backward(y, dy if dy.dtype == y.dtype else dy.to(y.dtype), dim, log)
-
-    return _differentiable_backward(y, grad_output, ctx.dim, log, kernel), None
+    if torch.is_grad_enabled():  # create_graph=True: differentiate the backward too
+        return backward_graph(y, grad_output, ctx.dim, log), None
+    return backward(y, grad_output if grad_output.dtype == y.dtype else grad_output.to(y.dtype), ctx.dim, log), None
 
 
 class SoftmaxCore(torch.autograd.Function):
