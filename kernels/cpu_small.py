@@ -14,12 +14,12 @@ parallel middle-axis kernels on copies made by the host.
 import numpy as np
 from numba import njit
 
+from .cpu_common import STEP, WORKERS
 from .cpu_middle import (
     cross_entropy_index_middle,
     softmax_backward_middle,
     softmax_forward_middle,
 )
-from .cpu_common import STEP, WORKERS
 from .cpu_rows import check_targets
 from .jit import OPTIONS, inline, renamed
 
