@@ -45,7 +45,8 @@ from a pool (:func:`empty_cache` releases it).
 import numpy as np
 
 from .. import errors
-from . import _devices, _pool
+from ..backends import pool as _pool
+from . import _devices
 from ._checks import as_axes, check_float, check_out, check_pair, is_float_dtype
 from ._cross_entropy import cross_entropy
 from ._layout import Layout

@@ -21,7 +21,8 @@ import sys
 import numpy as np
 
 from ..errors import ArgumentError, DeviceError, NotATensorError, UnsupportedDTypeError
-from . import _layout, _pool
+from ..backends import pool as _pool
+from . import _layout
 from ._checks import type_name
 
 #: DLPack device types: host memory, and CUDA memory

@@ -1,13 +1,17 @@
-"""A small caching allocator for large NumPy outputs (the torch-free twin of :mod:`fastsoftmax.ops.pool`).
+"""A small caching allocator for large CPU outputs, shared by the torch API and the array API (no torch here).
 
-A fresh multi-megabyte ``np.empty`` is backed by new pages from the
-operating system, and the first write to each page faults and zeroes it: a
-1 GiB softmax output would cost several times the softmax itself. Outputs
-of at least :data:`config.POOL_MIN_BYTES` are views of cached ``uint8``
-blocks instead. NumPy collapses the base of every view of a view onto the
-block that owns the memory, so the block's reference count tells exactly
-whether any array still uses it: a block is handed out again only when
-nothing but the pool refers to it.
+A fresh multi-megabyte ``np.empty`` or ``torch.empty`` is backed by new
+pages from the operating system, and the first write to each 4 KiB page
+faults and zeroes it: allocating and filling 1 GiB costs about 6 times a
+copy into memory already mapped, several times the softmax itself.
+PyTorch's CUDA allocator caches freed blocks for this reason; its CPU
+allocator does not. This pool does, for our outputs only: outputs of at
+least :data:`config.POOL_MIN_BYTES` are views of cached ``uint8`` blocks
+(NumPy asks the kernel for huge pages on large allocations). A tensor made
+by ``torch.from_numpy`` keeps its view alive, and NumPy collapses the base
+of every view of a view onto the block that owns the memory, so the
+block's reference count tells exactly whether anything still uses it: a
+block is handed out again only when nothing but the pool refers to it.
 """
 
 import sys
@@ -25,7 +29,8 @@ _cached_bytes = 0
 _FREE_REFCOUNT = 3
 
 
-def _take(nbytes: int) -> np.ndarray:
+def take(nbytes: int) -> np.ndarray:
+    """A free cached block of ``nbytes`` bytes, or a new one (cached while the pool is under its budget)."""
     global _cached_bytes
     with _lock:
         bucket = _blocks.setdefault(nbytes, [])
@@ -45,7 +50,7 @@ def empty(shape, dtype) -> np.ndarray:
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if nbytes < config.POOL_MIN_BYTES:
         return np.empty(shape, dtype=dtype)
-    return _take(nbytes).view(dtype).reshape(shape)
+    return take(nbytes).view(dtype).reshape(shape)
 
 
 def empty_cache() -> int:
