@@ -59,3 +59,20 @@ def test_time_case_runs_every_provider_each_repetition_in_a_varying_order():
     assert all(sorted(r) == list("abcd") for r in rounds)
     assert len(set(rounds)) > 1  # not one fixed order
     assert {r[0] for r in rounds} == set("abcd")  # each provider sometimes runs first
+
+
+def test_per_call_script_runs_and_reports_every_op(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "per_call.py"
+    spec = importlib.util.spec_from_file_location("per_call", path)
+    per_call = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(per_call)
+    assert per_call.main(["--calls", "5", "--out", str(tmp_path / "per_call.json")]) == 0
+    rows = json.loads((tmp_path / "per_call.json").read_text())["rows"]
+    timed = [r for r in rows if "speedup" in r]
+    assert {(r["op"], r["caches"]) for r in timed} == {(op, c) for op in per_call.cases() for c in ("hot", "cold")}
+    for r in timed:
+        assert r["speedup"] == pytest.approx(r["torch_us"] / r["ours_us"])
