@@ -141,18 +141,13 @@ def _launch_middle(kernel, x: np.ndarray, *args, scratch_rows: int = 2, total_ro
     Scratch: ``(workers, scratch_rows, W)`` in ``x``'s dtype and ``(workers, total_rows, W)`` float64.
     """
     n_outer, n_classes, n_inner = x.shape
-    width = _middle_width(n_classes, n_inner, x.itemsize)
+    width = config.CPU_MIDDLE_BLOCK_BYTES // (2 * n_classes * x.itemsize)
+    width = min(n_inner, max(16, width // 16 * 16))
     n_items = n_outer * -(-n_inner // width)
     workers = _workers(n_items, n_classes * width)
     scratch = np.empty((workers, scratch_rows, width), dtype=x.dtype)
     totals = np.empty((workers, total_rows, width), dtype=np.float64)
     _launch(kernel, n_items, n_classes * width, x, *args, scratch, totals, workers=workers, last=last)
-
-
-def _middle_width(n_classes: int, n_inner: int, itemsize: int) -> int:
-    """Inner positions per work item: a block of input and output within ``config.CPU_MIDDLE_BLOCK_BYTES``."""
-    width = config.CPU_MIDDLE_BLOCK_BYTES // (2 * n_classes * itemsize)
-    return min(n_inner, max(16, width // 16 * 16))
 
 
 def softmax_forward_middle(x, y, log: bool) -> None:
