@@ -123,13 +123,18 @@ def time_op(calls: dict, repeats: int, sync, seed: int) -> dict:
 
 
 def _machine(device: str) -> dict:
-    import numba
-    import scipy
+    import importlib.metadata
 
+    import numba
+
+    try:
+        scipy_version = importlib.metadata.version("scipy")  # the CPU baseline; CuPy's needs no SciPy
+    except importlib.metadata.PackageNotFoundError:
+        scipy_version = None
     info = {
         "python": platform.python_version(),
         "numpy": np.__version__,
-        "scipy": scipy.__version__,
+        "scipy": scipy_version,
         "numba": numba.__version__,
         "numba_threads": numba.get_num_threads(),
         "cpus": os.cpu_count(),

@@ -19,7 +19,9 @@ On one NVIDIA GPU, in under 8 minutes on an H200 (``--budget`` seconds,
    the effective bandwidth (bytes that must move / median time per call,
    CUDA events around back-to-back calls) of fastsoftmax, torch eager,
    ``torch.compile`` (and Liger-Kernel where it is installed), and the peak
-   memory of cross-entropy forward+backward.
+   memory of cross-entropy forward+backward; then, with the time left and
+   CuPy installed, ``benchmarks/array_bench.py --device cuda`` (the array
+   API against ``cupyx.scipy.special`` and naive CuPy at 8192x32000).
 
 It writes ``results.json``, ``results.md`` (a table naming the GPU) and
 ``bandwidth.png`` (if matplotlib is there) under ``--out``, and prints
@@ -43,6 +45,7 @@ tested by ``benchmarks/test_gpu_check.py``.
 import argparse
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -556,6 +559,27 @@ def run_bench(results: dict, args, deadline: float) -> None:
             torch.cuda.empty_cache()
 
 
+ARRAY_BENCH_SHAPE = "8192x32000"
+
+
+def run_array_bench(out: Path, seconds: float) -> dict:
+    """The array API on CuPy arrays against ``cupyx.scipy.special`` and naive CuPy (``benchmarks/array_bench.py``).
+
+    Run after the torch benchmark with the time left; its log and JSON land
+    beside the other results. Skipped without CuPy or without the time.
+    """
+    if importlib.util.find_spec("cupy") is None:
+        return {"skipped": "cupy is not installed"}
+    if seconds < 30:
+        return {"skipped": "time budget"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "array_bench.py"), "--device", "cuda", "--shapes", ARRAY_BENCH_SHAPE, "--repeats", "5", "--out", str(out)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"skipped": "time budget (timed out)"}
+    return {"returncode": proc.returncode, "output": (proc.stdout + proc.stderr)[-3000:]}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
@@ -589,6 +613,8 @@ def main(argv=None) -> int:
         print(f"sanitizers: {results['sanitizer']}", flush=True)
     if not args.skip_bench:
         run_bench(results, args, deadline)
+        results["array_bench"] = run_array_bench(out, deadline - time.monotonic())
+        print(f"array_bench: {results['array_bench']}", flush=True)
     results["seconds"] = round(time.monotonic() - started, 1)
     write_outputs(results, out)
     print_goals(results)

@@ -156,3 +156,13 @@ def test_sanitizer_and_pytest_reports_are_read(tmp_path):
 def test_gpu_names_become_folder_names():
     assert gpu_check.slug("NVIDIA H200") == "nvidia-h200"
     assert gpu_check.slug("NVIDIA A100-SXM4-80GB") == "nvidia-a100-sxm4-80gb"
+
+
+def test_array_bench_step_skips_without_cupy_or_time(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cupy" else real(name, *a))
+    assert gpu_check.run_array_bench(tmp_path, 300) == {"skipped": "cupy is not installed"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    assert gpu_check.run_array_bench(tmp_path, 5) == {"skipped": "time budget"}
