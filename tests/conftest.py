@@ -51,5 +51,13 @@ def poison_outputs(monkeypatch):
             out.fill_(float("nan"))
         return out
 
+    real_empty_array = layout._CPU.empty_array
+
+    def poisoned_array(shape, dtype):
+        out, array = real_empty_array(shape, dtype)
+        array.fill(float("nan"))
+        return out, array
+
     monkeypatch.setattr(layout._CPU, "empty", staticmethod(poisoned))
+    monkeypatch.setattr(layout._CPU, "empty_array", staticmethod(poisoned_array))
     yield

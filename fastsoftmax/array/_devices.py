@@ -20,8 +20,8 @@ import sys
 
 import numpy as np
 
-from ..errors import ArgumentError, DeviceError, NotATensorError, UnsupportedDTypeError
 from ..backends import pool as _pool
+from ..errors import ArgumentError, DeviceError, NotATensorError, UnsupportedDTypeError
 from . import _layout
 from ._checks import type_name
 

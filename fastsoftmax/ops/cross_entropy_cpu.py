@@ -118,8 +118,8 @@ def _forward_rows(input, target, ignore_index, reduction, eps, compute_grad):
     loss = np.empty(n_rows)
     if be.small_rows(n_rows, n_classes):
         # a few classes and rows: one serial call checks the targets, transposes and runs the middle-axis kernel
-        grad = layout._CPU.empty(input.shape if compute_grad else (0, n_classes), input.dtype)
-        denom = be.cross_entropy_small(input.detach().numpy(), t, ignore_index, eps, reduction, loss, grad.numpy())
+        grad, grad_array = layout._CPU.empty_array(input.shape if compute_grad else (0, n_classes), input.dtype)
+        denom = be.cross_entropy_small(input.detach().numpy(), t, ignore_index, eps, reduction, loss, grad_array)
         return _reduced(input, loss, reduction, denom), (grad if compute_grad else grad.view(0)), _NO_LSE[input.dtype]
     denom, count = be.check_targets(t, n_classes, ignore_index, None)
     scale, _ = be.scales(denom, count, reduction, 0.0)

@@ -17,6 +17,7 @@ import contextlib
 import functools
 import math
 
+import numpy as np
 import torch
 
 from ..kernels import config
@@ -49,6 +50,18 @@ class _CPU:
     @staticmethod
     def empty(shape, dtype: torch.dtype, device=None) -> torch.Tensor:
         return pool.empty(shape, dtype)
+
+    @staticmethod
+    def empty_array(shape, dtype: torch.dtype) -> tuple:
+        """A small uninitialised float32/64 output as ``(tensor, its NumPy array)``, made by NumPy.
+
+        One call into torch fewer than :meth:`empty` and then ``.numpy()``;
+        at the book's 256 x 10, with the caches cold as a training step
+        leaves them, each such call costs 10-15 us, more than the kernel.
+        For outputs below ``config.POOL_MIN_BYTES`` (the pool's threshold).
+        """
+        a = np.empty(shape, pool.NUMPY_DTYPES[dtype])
+        return torch.from_numpy(a), a
 
     @staticmethod
     def array(t: torch.Tensor):

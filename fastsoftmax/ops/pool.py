@@ -6,12 +6,12 @@ import torch
 from ..backends.pool import cached_bytes, empty_cache, take  # noqa: F401  (fastsoftmax.empty_cache)
 from ..kernels import config
 
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def empty(shape, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor, from the pool when it is large."""
-    np_dtype = _NUMPY_DTYPES.get(dtype)
+    np_dtype = NUMPY_DTYPES.get(dtype)
     numel = 1
     for n in shape:
         numel *= n

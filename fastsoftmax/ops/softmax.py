@@ -108,8 +108,8 @@ def forward(x: Tensor, dim: int, log: bool) -> Tensor:
         if 0 < n <= config.CPU_SMALL_CLASSES and x.numel():
             be = _cpu_backend()
             if be.small_rows(x.numel() // n, n):
-                y = layout._CPU.empty(x.shape, x.dtype)
-                be.softmax_forward_small(x.detach().numpy().reshape(-1, n), y.numpy().reshape(-1, n), log)
+                y, ya = layout._CPU.empty_array(x.shape, x.dtype)
+                be.softmax_forward_small(x.detach().numpy().reshape(-1, n), ya.reshape(-1, n), log)
                 return y
             return _small_rows(be.softmax_forward_middle, [x], log)
         y = layout._CPU.empty(x.shape, x.dtype)
@@ -129,6 +129,24 @@ def forward(x: Tensor, dim: int, log: bool) -> Tensor:
     return y
 
 
+def plain_forward(x: Tensor, dim: int, log: bool) -> Tensor:
+    """:func:`forward` for a call :mod:`fastsoftmax.functional` found plain (a CPU float32/64 strided tensor, ``dim`` in range).
+
+    A few rows of a few classes go straight to the one-call kernel with the
+    fewest tensor operations (with cold caches each costs 10-15 us at the
+    book's 256 x 10, more than the kernel); anything else to :func:`forward`.
+    """
+    shape = x.shape
+    n = shape[-1] if shape else 0
+    if dim == len(shape) - 1 and 0 < n <= config.CPU_SMALL_CLASSES and x.is_contiguous():
+        rows = x.numel() // n
+        if 0 < rows * n < config.CPU_PARALLEL_MIN_ELEMENTS:
+            y, ya = layout._CPU.empty_array(shape, x.dtype)
+            _cpu_backend().softmax_forward_small(x.detach().numpy().reshape(rows, n), ya.reshape(rows, n), log)
+            return y
+    return forward(x, dim, log)
+
+
 def backward(y: Tensor, dy: Tensor, dim: int, log: bool) -> Tensor:
     """Gradient of :func:`forward` from its output ``y``."""
     if y.ndim == 0:
@@ -145,8 +163,8 @@ def backward(y: Tensor, dy: Tensor, dim: int, log: bool) -> Tensor:
         if 0 < n <= config.CPU_SMALL_CLASSES and y.numel():
             be = _cpu_backend()
             if be.small_rows(y.numel() // n, n):
-                dx = layout._CPU.empty(y.shape, y.dtype)
-                be.softmax_backward_small(*(t.detach().numpy().reshape(-1, n) for t in (y, dy, dx)), log)
+                dx, dxa = layout._CPU.empty_array(y.shape, y.dtype)
+                be.softmax_backward_small(y.detach().numpy().reshape(-1, n), dy.detach().numpy().reshape(-1, n), dxa.reshape(-1, n), log)
                 return dx
             return _small_rows(be.softmax_backward_middle, [y, dy], log)
         dx = layout._CPU.empty(y.shape, y.dtype)
