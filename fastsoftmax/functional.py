@@ -55,7 +55,7 @@ def _softmax(input, dim, stacklevel, dtype, log: bool, name: str):
         dim %= input.ndim
         if input.requires_grad and torch.is_grad_enabled():
             return (softmax_op.LogSoftmaxCore if log else softmax_op.SoftmaxCore).apply(input, dim)
-        return softmax_op.plain_forward(input, dim, log)
+        return softmax_op.forward(input, dim, log)
     validation.check_tensor(input, "input", name)
     validation.check_layout(input, name)
     validation.check_device(input)

@@ -49,8 +49,8 @@ def plain_rows(input, target, weight, z_loss, want_lse, inplace) -> bool:
     )
 
 
-def _reduce(loss: Tensor, lse, kept, z_loss: float, reduction: str, denom: float, count: int, dtype) -> Tensor:
-    """The per-element losses (float64, the loss's shape) plus the z-loss, reduced as ``reduction`` asks, in ``dtype``.
+def _reduce(loss: np.ndarray, lse, kept, z_loss: float, reduction: str, denom: float, count: int, dtype) -> Tensor:
+    """The per-element losses (a float64 NumPy array, the loss's shape) plus the z-loss, reduced as ``reduction`` asks, in ``dtype``.
 
     A mean divides the cross-entropy by ``denom`` (the kept targets' total
     weight) and the z-loss by ``count`` (their number). torch's mean with a
@@ -61,9 +61,10 @@ def _reduce(loss: Tensor, lse, kept, z_loss: float, reduction: str, denom: float
         if kept is not None:
             z = torch.where(kept, z, 0.0)
     if reduction == "none":
+        loss = torch.from_numpy(loss)
         return to_dtype(loss + z if z_loss else loss, dtype)
     # in NumPy and Python floats: torch ops cost more than the kernel on a (256, 10) batch
-    total = float(loss.numpy().sum()) if loss.numel() else 0.0
+    total = float(loss.sum()) if loss.size else 0.0
     z_total = float(z.sum()) if z_loss else 0.0
     if reduction == "sum":
         return torch.scalar_tensor(total + z_total, dtype=dtype)
@@ -120,7 +121,7 @@ def _forward_rows(input, target, ignore_index, reduction, eps, compute_grad):
         # a few classes and rows: one serial call checks the targets, transposes and runs the middle-axis kernel
         grad, grad_array = layout._CPU.empty_array(input.shape if compute_grad else (0, n_classes), input.dtype)
         denom = be.cross_entropy_small(input.detach().numpy(), t, ignore_index, eps, reduction, loss, grad_array)
-        return _reduced(input, loss, reduction, denom), (grad if compute_grad else grad.view(0)), _NO_LSE[input.dtype]
+        return _reduce(loss, None, None, 0.0, reduction, denom, 0, input.dtype), (grad if compute_grad else grad.view(0)), _NO_LSE[input.dtype]
     denom, count = be.check_targets(t, n_classes, ignore_index, None)
     scale, _ = be.scales(denom, count, reduction, 0.0)
     if n_classes <= config.CPU_SMALL_CLASSES and n_rows:
@@ -136,15 +137,7 @@ def _forward_rows(input, target, ignore_index, reduction, eps, compute_grad):
         args = (input.detach().numpy(), t, None, ignore_index, eps, scale, 0.0, loss)
         be.cross_entropy_index(*args, _empty_of(torch.float64), grad.numpy())
         grad = grad if compute_grad else grad.view(0)
-    return _reduced(input, loss, reduction, denom), grad, _NO_LSE[input.dtype]
-
-
-def _reduced(input, loss: np.ndarray, reduction: str, denom: float):
-    """The float64 per-row losses reduced (the sum, or over the kept weight ``denom`` for a mean) in ``input``'s dtype."""
-    if reduction == "none":
-        return torch.from_numpy(loss).to(input.dtype)
-    value = float(loss.sum()) if loss.size else 0.0
-    return torch.scalar_tensor(value if reduction == "sum" else (value / denom if denom else math.nan), dtype=input.dtype)
+    return _reduce(loss, None, None, 0.0, reduction, denom, 0, input.dtype), grad, _NO_LSE[input.dtype]
 
 
 _NO_LSE = {dtype: torch.empty(0, dtype=dtype) for dtype in _KERNEL_DTYPES}
@@ -228,7 +221,7 @@ def forward(input, target, weight, ignore_index, reduction, eps, z_loss, compute
         _chunked(kernel, x, q if prob else t, w, prob, ignore_index, eps, scale, z_scale, loss, lse, grad, compute_grad, compute)
     kept = None if (prob or not z_loss) else (target != ignore_index).reshape(shape)
     lse_out = lse.view(shape) if lse.numel() or not elements[0] else lse
-    total = _reduce(loss.view(shape), lse_out, kept, z_loss, reduction, denom, count, dtype)
+    total = _reduce(loss.numpy().reshape(shape), lse_out, kept, z_loss, reduction, denom, count, dtype)
     if in_place:
         grad = input  # the kernel wrote through a view of it; the tensor itself, not a view, goes to autograd
     elif compute_grad and middle is None:

@@ -129,24 +129,6 @@ def forward(x: Tensor, dim: int, log: bool) -> Tensor:
     return y
 
 
-def plain_forward(x: Tensor, dim: int, log: bool) -> Tensor:
-    """:func:`forward` for a call :mod:`fastsoftmax.functional` found plain (a CPU float32/64 strided tensor, ``dim`` in range).
-
-    A few rows of a few classes go straight to the one-call kernel with the
-    fewest tensor operations (with cold caches each costs 10-15 us at the
-    book's 256 x 10, more than the kernel); anything else to :func:`forward`.
-    """
-    shape = x.shape
-    n = shape[-1] if shape else 0
-    if dim == len(shape) - 1 and 0 < n <= config.CPU_SMALL_CLASSES and x.is_contiguous():
-        rows = x.numel() // n
-        if 0 < rows * n < config.CPU_PARALLEL_MIN_ELEMENTS:
-            y, ya = layout._CPU.empty_array(shape, x.dtype)
-            _cpu_backend().softmax_forward_small(x.detach().numpy().reshape(rows, n), ya.reshape(rows, n), log)
-            return y
-    return forward(x, dim, log)
-
-
 def backward(y: Tensor, dy: Tensor, dim: int, log: bool) -> Tensor:
     """Gradient of :func:`forward` from its output ``y``."""
     if y.ndim == 0:
