@@ -22,6 +22,7 @@ import torch
 
 from . import validation
 from .ops import cross_entropy as ce_op
+from .ops import cross_entropy_cpu as ce_cpu
 from .ops import softmax as softmax_op
 
 __all__ = ["softmax", "log_softmax", "softmin", "cross_entropy", "CrossEntropyOutput", "linear_cross_entropy"]
@@ -195,7 +196,12 @@ def cross_entropy(
         and _plain_cross_entropy(input, target, ignore_index, reduction, label_smoothing)
         and not torch.compiler.is_compiling()
     ):
-        if input.requires_grad and torch.is_grad_enabled():
+        grad = input.requires_grad and torch.is_grad_enabled()
+        if ce_cpu.reduced_small(input, target, reduction):
+            if grad:
+                return ce_op.plain_apply(input, target, ignore_index, reduction, label_smoothing)
+            return ce_cpu.forward_reduced(input, target, ignore_index, reduction, label_smoothing, False)[0]
+        if grad:
             return ce_op.CrossEntropyCore.apply(input, target, None, ignore_index, reduction, label_smoothing)
         return ce_op.forward(input, target, None, ignore_index, reduction, label_smoothing, False)[0]
     reduction = validation.reduction_of(reduction, size_average, reduce)

@@ -100,6 +100,60 @@ def _cross_entropy_small(x, target, ignore_index, eps, mean, loss, grad):
     return -1, denom
 
 
+#: losses summed per block of this many, in 8 interleaved partial sums
+_SUM_BLOCK = 128
+
+
+def _total(a):
+    """The sum of a 1-D float64 array, in a fixed order that does not depend on how it was computed.
+
+    Blocks of :data:`_SUM_BLOCK` elements are summed in 8 interleaved partial
+    sums, and the block sums pairwise: an error bound of about
+    ``(16 + log2(n / 128)) * eps`` relative to the sum of magnitudes, where
+    one running sum has ``n * eps``. Every CPU path reduces its per-element
+    losses with this function (:func:`_cross_entropy_small_reduced` inside
+    its kernel call, the others through :func:`fastsoftmax.backends.cpu.total`),
+    so a loss has the same bits whichever path computed it.
+    """
+    n = a.shape[0]
+    n_blocks = (n + _SUM_BLOCK - 1) // _SUM_BLOCK
+    sums = np.zeros(max(n_blocks, 1))
+    for b in range(n_blocks):
+        start = b * _SUM_BLOCK
+        stop = min(n, start + _SUM_BLOCK)
+        lanes = np.zeros(8)
+        for i in range(start, stop):
+            lanes[(i - start) & 7] += a[i]
+        sums[b] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
+    while n_blocks > 1:
+        half = (n_blocks + 1) // 2
+        for i in range(n_blocks // 2):
+            sums[i] = sums[2 * i] + sums[2 * i + 1]
+        if n_blocks % 2:
+            sums[half - 1] = sums[n_blocks - 1]
+        n_blocks = half
+    return sums[0]
+
+
+def _cross_entropy_small_reduced(x, target, ignore_index, eps, mean, grad):
+    """:func:`_cross_entropy_small` with the loss reduced in the same call: ``(first bad target or -1, loss)``.
+
+    The loss is the sum of the per-row losses (:func:`_total`), divided for a
+    ``mean`` by the total kept weight (NaN when it is 0, as torch's 0/0).
+    Nothing is computed when a target is bad.
+    """
+    loss = np.empty(x.shape[0])
+    bad, denom = cross_entropy_small(x, target, ignore_index, eps, mean, loss, grad)
+    if bad >= 0:
+        return bad, 0.0
+    value = total(loss)
+    if mean:
+        value = value / denom if denom else np.nan
+    return -1, value
+
+
 softmax_forward_small = njit(**OPTIONS)(renamed(_softmax_forward_small, "_serial"))
 softmax_backward_small = njit(**OPTIONS)(renamed(_softmax_backward_small, "_serial"))
 cross_entropy_small = njit(**OPTIONS)(renamed(_cross_entropy_small, "_serial"))
+total = njit(**OPTIONS)(renamed(_total, "_serial"))
+cross_entropy_small_reduced = njit(**OPTIONS)(renamed(_cross_entropy_small_reduced, "_serial"))

@@ -166,3 +166,32 @@ def test_row_max_over_every_tail_length_and_nan_position(np_dtype):
     assert _row_max_of(np.full(37, np.nan, np_dtype)) == -np.inf
     assert _row_max_of(np.array([1.0, np.inf, 2.0] * 11, np_dtype)) == np.inf
     assert _row_max_of(np.linspace(-3e38, -1e38, 41).astype(np_dtype)) == np_dtype(-1e38)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 127, 128, 129, 1000, 100_003])
+def test_loss_total_is_accurate_where_a_running_sum_is_not(n):
+    """kernels.cpu_small._total, the sum every CPU path reduces its losses with: blocks of 8 lanes, then pairwise.
+
+    One large term and many small ones: a running sum loses every small term
+    (1e-16 each, below half an ulp of 1); here each lane and block sums them
+    first, so only the few that share the large term's lane are lost.
+    """
+    import math
+
+    from fastsoftmax.backends import cpu
+
+    rng = np.random.default_rng(n)
+    a = rng.random(n) * 1e-16
+    if n:
+        a[0] = 1.0
+    exact = math.fsum(a)
+    running = 0.0
+    for v in a:
+        running += v
+    got = cpu.total(a)
+    # at most the 15 small terms of the large one's lane lost, and one rounding of about 1 per level after
+    bound = (16 + 8 + math.log2(n / 128 + 1)) * np.finfo(np.float64).eps / 2
+    assert abs(got - exact) <= bound, (got, exact)
+    if n >= 1000:
+        assert abs(running - exact) > 10 * bound  # the test tells the two apart
+    assert cpu.total(a.reshape(-1, 1)) == got  # any shape: the elements in order

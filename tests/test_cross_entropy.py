@@ -214,3 +214,99 @@ def test_no_graph_is_recorded_when_no_gradient_is_wanted(op):
         ours = getattr(fastsoftmax, op)(xg, *args)
         assert ours.grad_fn is None and not ours.requires_grad
         assert_close(ours, getattr(TF, op)(x, *args))
+
+
+# --- the book's call: one kernel call, loss reduced inside (cross_entropy_cpu.forward_reduced) ---------------
+
+
+def _book_call(dtype=torch.float32, n=256, c=10, seed=3):
+    x = randn(n, c, dtype=dtype, seed=seed)
+    t = _targets((n, c), "ignore", seed=seed)
+    return x, t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_book_call_takes_the_reduced_kernel_and_matches_torch(dtype, reduction, smoothing, monkeypatch):
+    from fastsoftmax.ops import cross_entropy_cpu
+
+    x, t = _book_call(dtype)
+    assert cross_entropy_cpu.reduced_small(x, t, reduction)
+    calls = []
+    original = cross_entropy_cpu.forward_reduced
+    monkeypatch.setattr(cross_entropy_cpu, "forward_reduced", lambda *a: calls.append(a) or original(*a))
+    loss, dx = _run(fastsoftmax.cross_entropy, x, t, reduction=reduction, label_smoothing=smoothing)
+    assert len(calls) == 1, "the book's call did not take the one-call reduced kernel"
+    ref_loss, ref_dx = _run(TF.cross_entropy, x.double(), t, reduction=reduction, label_smoothing=smoothing)
+    assert loss.dtype == dtype and loss.shape == ()
+    assert_close(loss, ref_loss, dtype)
+    assert_close(dx, ref_dx, dtype)
+    with torch.no_grad():  # and without a graph: the same kernel, no gradient
+        assert torch.equal(fastsoftmax.cross_entropy(x, t, reduction=reduction, label_smoothing=smoothing), loss)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_book_call_is_the_same_bits_as_the_general_path(reduction):
+    """The reduced kernel and _reduce add the per-row losses in the same order (kernels.cpu_small._total)."""
+    x, t = _book_call(torch.float32, n=777, c=7)
+    general = x.t().contiguous().t()  # the same values, not contiguous: the general path
+    xa, xb = x.clone().requires_grad_(), general.clone().requires_grad_()
+    la = fastsoftmax.cross_entropy(xa, t, reduction=reduction, label_smoothing=0.1)
+    lb = fastsoftmax.cross_entropy(xb, t, reduction=reduction, label_smoothing=0.1)
+    assert torch.equal(la, lb)
+    la.backward()
+    lb.backward()
+    assert torch.equal(xa.grad, xb.grad)
+
+
+def test_book_call_backward_scales_retains_and_differentiates_twice():
+    x, t = _book_call(torch.float64, n=40)
+    xa = x.clone().requires_grad_()
+    loss = fastsoftmax.cross_entropy(xa, t)
+    (3.5 * loss).backward(retain_graph=True)  # a grad_output of 3.5
+    first = xa.grad.clone()
+    loss.backward()  # grad_output 1 with the graph retained: accumulated, the saved gradient untouched
+    xr = x.clone().requires_grad_()
+    TF.cross_entropy(xr, t).backward()
+    assert_close(first, 3.5 * xr.grad)
+    assert_close(xa.grad, 4.5 * xr.grad)
+    # double backward: a Hessian-vector product, against torch's
+    v = randn(*x.shape, dtype=torch.float64, seed=11)
+    hv = []
+    for f in (fastsoftmax.cross_entropy, TF.cross_entropy):
+        xx = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(f(xx, t, label_smoothing=0.2), xx, create_graph=True)
+        hv.append(torch.autograd.grad((g * v).sum(), xx)[0])
+    assert_close(hv[0], hv[1])
+
+
+def test_book_call_errors_and_nan_as_torch():
+    x, t = _book_call(torch.float32, n=30)
+    bad = t.clone()
+    bad[17] = 10
+    xa = x.clone().requires_grad_()
+    with pytest.raises(IndexError, match="10"):
+        fastsoftmax.cross_entropy(xa, bad)
+    ignored = torch.full_like(t, -100)
+    loss = fastsoftmax.cross_entropy(xa, ignored)  # every target ignored: 0/0
+    assert torch.isnan(loss) and torch.isnan(TF.cross_entropy(x, ignored))
+    loss.backward()
+    xr = x.clone().requires_grad_()
+    TF.cross_entropy(xr, ignored).backward()
+    assert torch.equal(xa.grad, xr.grad)  # zeros, as torch's: ignored rows take no gradient
+    assert fastsoftmax.cross_entropy(x, ignored, reduction="sum").item() == 0.0
+
+
+def test_direct_apply_leaves_functorch_transforms_to_the_public_apply(monkeypatch):
+    """ops.direct: under torch.func transforms the public apply runs (and raises torch's error), as before."""
+    from fastsoftmax.ops import direct
+    from fastsoftmax.ops.cross_entropy import PlainCrossEntropy
+
+    x, t = _book_call(torch.float32, n=8)
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(lambda x: fastsoftmax.cross_entropy(x, t))(x)
+    assert direct.direct_apply(PlainCrossEntropy, 2) is not PlainCrossEntropy.apply
+    monkeypatch.setattr(direct, "_INTERNALS", None)  # a torch without the internals: the public apply itself
+    assert direct.direct_apply(PlainCrossEntropy, 2) == PlainCrossEntropy.apply

@@ -44,6 +44,7 @@ from .cross_entropy_graph import (  # noqa: F401  (composite, lse_graph, z_term_
     lse_graph,
     z_term_graph,
 )
+from .direct import direct_apply
 from .layout import device, empty_moved, to_dtype
 
 
@@ -312,6 +313,40 @@ class CrossEntropyCore(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output, *_grad_of_lse):
         return (_backward(ctx, grad_output, function=True),) + (None,) * 8
+
+
+class PlainCrossEntropy(torch.autograd.Function):
+    """:class:`CrossEntropyCore` for the book's call, with the fewest steps: what :func:`fastsoftmax.cross_entropy` runs for it.
+
+    ``apply(input, target, ignore_index, reduction, label_smoothing)`` on
+    contiguous CPU float32/64 logits ``(N, C)`` of a few classes and rows
+    (:func:`.cross_entropy_cpu.reduced_small`), int64 targets ``(N,)``, no
+    weight, a mean or a sum, all checked by the caller. One kernel call checks
+    the targets, computes the loss and its gradient and reduces the loss; the
+    backward hands the gradient over (or scales it), as :class:`CrossEntropyCore`'s.
+    Applied through :data:`plain_apply` (no Python wrapper): at 256 x 10 each
+    step here costs as much as the kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, input, target, ignore_index, reduction, label_smoothing):
+        loss, grad = cpu_design.forward_reduced(input, target, ignore_index, reduction, label_smoothing, True)
+        ctx.save_for_backward(grad, input, target)
+        ctx.args = (ignore_index, reduction, label_smoothing)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad, input, target = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the loss again in torch ops, differentiable
+            ignore_index, reduction, label_smoothing = ctx.args
+            grad = backward_graph(input, target, None, ignore_index, reduction, label_smoothing, 0.0, grad_output)
+        elif grad_output.item() != 1.0:  # a scalar: the loss is reduced
+            grad = grad * grad_output
+        return grad, None, None, None, None
+
+
+plain_apply = direct_apply(PlainCrossEntropy, 2)
 
 
 class CrossEntropyFunction(CrossEntropyCore):

@@ -8,7 +8,9 @@ place; half precision through the float32 kernels in chunks of rows; the
 plain call (contiguous float32/64 rows, int64 targets, no weight) reaches
 the kernels with the fewest tensor operations, and rows of at most 16
 classes go transposed to the middle-axis kernels, which vectorise across
-them.
+them. The book's call (a few such rows, reduced) is one kernel call that
+also reduces the loss (:func:`forward_reduced`); every path adds the
+per-element losses in the same order (``kernels.cpu_small._total``).
 """
 
 import math
@@ -63,8 +65,8 @@ def _reduce(loss: np.ndarray, lse, kept, z_loss: float, reduction: str, denom: f
     if reduction == "none":
         loss = torch.from_numpy(loss)
         return to_dtype(loss + z if z_loss else loss, dtype)
-    # in NumPy and Python floats: torch ops cost more than the kernel on a (256, 10) batch
-    total = float(loss.sum()) if loss.size else 0.0
+    # in Python floats: torch ops cost more than the kernel on a (256, 10) batch
+    total = layout._CPU.backend().total(loss)
     z_total = float(z.sum()) if z_loss else 0.0
     if reduction == "sum":
         return torch.scalar_tensor(total + z_total, dtype=dtype)
@@ -141,6 +143,27 @@ def _forward_rows(input, target, ignore_index, reduction, eps, compute_grad):
 
 
 _NO_LSE = {dtype: torch.empty(0, dtype=dtype) for dtype in _KERNEL_DTYPES}
+
+
+def reduced_small(input, target, reduction: str) -> bool:
+    """Whether :func:`forward_reduced` takes the call: :func:`plain_rows` of few classes and rows, reduced.
+
+    The caller has checked the rest of :func:`plain_rows` (``fastsoftmax.functional._plain_cross_entropy``).
+    """
+    n_rows, n_classes = input.shape
+    return reduction != "none" and input.is_contiguous() and layout._CPU.backend().small_rows(n_rows, n_classes)
+
+
+def forward_reduced(input, target, ignore_index, reduction, eps, compute_grad) -> tuple:
+    """``(loss, grad)`` for :func:`reduced_small` calls: one kernel call checks the targets, computes and reduces.
+
+    ``grad`` is the gradient for a unit grad_output (no rows unless
+    ``compute_grad``). The same kernels and bits as :func:`_forward_rows`.
+    """
+    x = input.detach().numpy()
+    grad = np.empty(x.shape if compute_grad else (0, x.shape[1]), x.dtype)
+    value = layout._CPU.backend().cross_entropy_small_reduced(x, target.numpy(), ignore_index, eps, reduction == "mean", grad)
+    return torch.scalar_tensor(value, dtype=input.dtype), torch.from_numpy(grad)
 
 
 def _chunked(kernel, x, targets, w, prob, ignore_index, eps, scale, z_scale, loss, lse, grad, compute_grad, compute):

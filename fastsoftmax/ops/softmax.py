@@ -36,16 +36,7 @@ from .layout import as_rows, device, rows_last, to_dtype
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
-def _cpu_backend():
-    global _CPU_BACKEND
-    if _CPU_BACKEND is None:  # imported on first use: it loads Numba and the kernels
-        from ..backends import cpu
-
-        _CPU_BACKEND = cpu
-    return _CPU_BACKEND
-
-
-_CPU_BACKEND = None
+_cpu_backend = layout._CPU.backend
 
 
 def _small_rows(kernel, inputs, log):

@@ -1,0 +1,61 @@
+"""Applying an autograd Function without the Python half of ``Function.apply``.
+
+``torch.autograd.Function.apply`` is a Python classmethod around the C
+``torch._C._FunctionBase.apply``. Before it calls the C half it binds
+default arguments (only for a Function that defines ``setup_context``),
+sends calls made under functorch transforms (``torch.func.vmap``, ``grad``,
+...) to ``custom_function_call``, and unwraps "dead" functorch wrappers
+(tensors that escaped a finished transform). At the book's 256 x 10, with
+the caches as cold as a training step leaves them, that Python costs 9-13 us
+a call (``benchmarks/results/cpu-xeon-2core/NOTES.md``): as much as our
+whole kernel.
+
+:func:`direct_apply` does the same work for our Functions (none defines
+``setup_context``) with two calls into C: outside functorch transforms it
+unwraps dead wrappers and calls the C half; inside them it calls the public
+``apply``, which raises torch's own error. Where this torch lacks any of the
+three internals it relies on, it is the public ``apply`` itself.
+"""
+
+import torch
+
+
+def _internals():
+    try:
+        return (
+            torch._C._FunctionBase.__dict__["apply"],
+            torch._C._are_functorch_transforms_active,
+            torch._C._functorch.unwrap_if_dead,
+        )
+    except (AttributeError, KeyError):
+        return None
+
+
+_INTERNALS = _internals()
+
+
+def direct_apply(cls, n_tensors: int):
+    """``cls.apply``, for a Function whose first ``n_tensors`` arguments are its only tensors, minus the Python wrapper."""
+    if _INTERNALS is None or cls.setup_context is not torch.autograd.Function.setup_context:
+        return cls.apply
+    c_apply, transforms_active, unwrap = _INTERNALS
+    c_apply = c_apply.__get__(None, cls)
+    public = cls.apply
+    if n_tensors == 1:
+
+        def apply(a, *rest):
+            if transforms_active():
+                return public(a, *rest)
+            return c_apply(unwrap(a), *rest)
+
+    elif n_tensors == 2:
+
+        def apply(a, b, *rest):
+            if transforms_active():
+                return public(a, b, *rest)
+            return c_apply(unwrap(a), unwrap(b), *rest)
+
+    else:
+        raise ValueError(f"direct_apply: {n_tensors} tensor arguments are not supported")
+    apply.__doc__ = f"``{cls.__name__}.apply`` without its Python wrapper (:func:`{__name__}.direct_apply`)."
+    return apply
