@@ -18,9 +18,11 @@ The numerics. With :math:`m = \max_j x_j` and :math:`s = \sum_j e^{x_j - m}`
 
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 
 from . import validation
+from .kernels import config
 from .ops import cross_entropy as ce_op
 from .ops import cross_entropy_cpu as ce_cpu
 from .ops import softmax as softmax_op
@@ -193,17 +195,17 @@ def cross_entropy(
         and reduce is None
         and not (z_loss or return_lse or return_z_loss or inplace_backward)
         and softcap is None
-        and _plain_cross_entropy(input, target, ignore_index, reduction, label_smoothing)
-        and not torch.compiler.is_compiling()
     ):
-        grad = input.requires_grad and torch.is_grad_enabled()
-        if ce_cpu.reduced_small(input, target, reduction):
-            if grad:
-                return ce_op.plain_apply(input, target, ignore_index, reduction, label_smoothing)
-            return ce_cpu.forward_reduced(input, target, ignore_index, reduction, label_smoothing, False)[0]
-        if grad:
-            return ce_op.CrossEntropyCore.apply(input, target, None, ignore_index, reduction, label_smoothing)
-        return ce_op.forward(input, target, None, ignore_index, reduction, label_smoothing, False)[0]
+        compiling = _is_compiling()
+        book = None if compiling else _book_arrays(input, target, ignore_index, reduction, label_smoothing)
+        if book is not None:
+            if input.requires_grad and torch.is_grad_enabled():
+                return ce_op.plain_apply(input, target, *book, ignore_index, reduction, label_smoothing)
+            return ce_cpu.forward_reduced(*book, ignore_index, reduction, label_smoothing, False)[0]
+        if not compiling and _plain_cross_entropy(input, target, ignore_index, reduction, label_smoothing):
+            if input.requires_grad and torch.is_grad_enabled():
+                return ce_op.CrossEntropyCore.apply(input, target, None, ignore_index, reduction, label_smoothing)
+            return ce_op.forward(input, target, None, ignore_index, reduction, label_smoothing, False)[0]
     reduction = validation.reduction_of(reduction, size_average, reduce)
     prob, ignore_index, eps = validation.check_cross_entropy(input, target, weight, ignore_index, label_smoothing)
     z = validation.as_float(z_loss, "z_loss", "cross_entropy", 9)
@@ -236,6 +238,58 @@ def cross_entropy(
         return loss
     z_value = _z_value(lse, target, ignore_index, prob, z, reduction, dtype) if return_z_loss else None
     return CrossEntropyOutput(loss, z_value, lse if return_lse else None)
+
+
+_is_compiling = torch.compiler.is_compiling
+
+
+def _book_arrays(input, target, ignore_index, reduction, label_smoothing):
+    """NumPy views ``(x, t)`` of the logits and targets of the book's call, or None for any other call.
+
+    The book's call: CPU float32/64 logits ``(N, C)``, contiguous, of at most
+    ``config.CPU_SMALL_CLASSES`` classes and fewer than
+    ``config.CPU_PARALLEL_MIN_ELEMENTS`` elements, int64 targets ``(N,)``,
+    a mean or a sum, plain options: every check of
+    :func:`validation.check_cross_entropy` would pass, and
+    :class:`.ops.cross_entropy.PlainCrossEntropy` takes it. At 256 x 10,
+    with the caches as cold as a training step leaves them, each Python call
+    or property read here costs as much as a few rows of the kernel: so one
+    function, the views that the kernel needs anyway made first, and the
+    rest read from them (a tensor that has none, on another device or
+    layout, fails there).
+    """
+    if not (
+        type(input) is torch.Tensor
+        and type(target) is torch.Tensor
+        and type(reduction) is str
+        and (reduction == "mean" or reduction == "sum")
+        and type(ignore_index) is int
+        and type(label_smoothing) is float
+        and 0.0 <= label_smoothing <= 1.0
+        and -(2**63) <= ignore_index < 2**63
+        and input.is_cpu
+        and input.layout is torch.strided
+    ):
+        return None
+    try:
+        x = input.detach().numpy()
+        t = target.numpy()
+    except (TypeError, RuntimeError):  # a target on another device or layout, a conjugate view: the general path
+        return None
+    if not (x.ndim == 2 and t.ndim == 1 and (x.dtype is _F32 or x.dtype is _F64) and t.dtype is _I64):
+        return None
+    n_rows, n_classes = x.shape
+    if (
+        t.shape[0] == n_rows
+        and 0 < n_classes <= config.CPU_SMALL_CLASSES
+        and n_rows * n_classes < config.CPU_PARALLEL_MIN_ELEMENTS
+        and x.flags.c_contiguous
+    ):
+        return x, t
+    return None
+
+
+_F32, _F64, _I64 = (np.dtype(t) for t in (np.float32, np.float64, np.int64))
 
 
 def _plain_cross_entropy(input, target, ignore_index, reduction, label_smoothing) -> bool:

@@ -188,18 +188,6 @@ def cross_entropy_small(x, target, ignore_index: int, eps: float, reduction: str
     return denom
 
 
-def cross_entropy_small_reduced(x, target, ignore_index: int, eps: float, mean: bool, grad) -> float:
-    """:func:`cross_entropy_small` reduced in the same call (a sum, or a mean for ``mean``): returns the loss.
-
-    ``grad`` (R, C), or no rows for no gradient. A bad class index raises
-    IndexError before any logit is read.
-    """
-    bad, value = cpu_small.cross_entropy_small_reduced(x, target, ignore_index, eps, mean, grad)
-    if bad >= 0:
-        raise bad_target(int(target[bad]), bad, x.shape[1], ignore_index)
-    return value
-
-
 def total(losses: np.ndarray) -> float:
     """The sum of float64 per-element losses, in the fixed order every CPU path uses (:func:`kernels.cpu_small._total`)."""
     return cpu_small.total(losses.reshape(-1)) if losses.size else 0.0

@@ -145,25 +145,36 @@ def _forward_rows(input, target, ignore_index, reduction, eps, compute_grad):
 _NO_LSE = {dtype: torch.empty(0, dtype=dtype) for dtype in _KERNEL_DTYPES}
 
 
-def reduced_small(input, target, reduction: str) -> bool:
-    """Whether :func:`forward_reduced` takes the call: :func:`plain_rows` of few classes and rows, reduced.
+def forward_reduced(x, t, ignore_index, reduction, eps, compute_grad) -> tuple:
+    """``(loss, grad)`` for the book's call: one kernel call checks the targets, computes and reduces the loss.
 
-    The caller has checked the rest of :func:`plain_rows` (``fastsoftmax.functional._plain_cross_entropy``).
+    ``x``, ``t``: NumPy views of contiguous float32/64 logits ``(N, C)`` of
+    at most ``config.CPU_SMALL_CLASSES`` classes and fewer than
+    ``config.CPU_PARALLEL_MIN_ELEMENTS`` elements and of int64 targets
+    ``(N,)``; no weight; a mean or a sum (checked by the caller:
+    ``fastsoftmax.functional._book_arrays``). ``grad`` is the gradient for a
+    unit grad_output (no rows unless ``compute_grad``). The same kernels and
+    bits as :func:`_forward_rows`.
     """
-    n_rows, n_classes = input.shape
-    return reduction != "none" and input.is_contiguous() and layout._CPU.backend().small_rows(n_rows, n_classes)
-
-
-def forward_reduced(input, target, ignore_index, reduction, eps, compute_grad) -> tuple:
-    """``(loss, grad)`` for :func:`reduced_small` calls: one kernel call checks the targets, computes and reduces.
-
-    ``grad`` is the gradient for a unit grad_output (no rows unless
-    ``compute_grad``). The same kernels and bits as :func:`_forward_rows`.
-    """
-    x = input.detach().numpy()
     grad = np.empty(x.shape if compute_grad else (0, x.shape[1]), x.dtype)
-    value = layout._CPU.backend().cross_entropy_small_reduced(x, target.numpy(), ignore_index, eps, reduction == "mean", grad)
-    return torch.scalar_tensor(value, dtype=input.dtype), torch.from_numpy(grad)
+    bad, value = (_SMALL or _small()).cross_entropy_small_reduced(x, t, ignore_index, eps, reduction == "mean", grad)
+    if bad >= 0:
+        raise bad_target(int(t[bad]), bad, x.shape[1], ignore_index)
+    return torch.scalar_tensor(value, dtype=_TORCH_DTYPES[x.dtype.char]), torch.from_numpy(grad)
+
+
+_TORCH_DTYPES = {"f": torch.float32, "d": torch.float64}
+
+
+def _small():
+    global _SMALL
+    from ..kernels import cpu_small  # on first use: it loads Numba
+
+    _SMALL = cpu_small
+    return cpu_small
+
+
+_SMALL = None
 
 
 def _chunked(kernel, x, targets, w, prob, ignore_index, eps, scale, z_scale, loss, lse, grad, compute_grad, compute):
