@@ -34,6 +34,8 @@ _KERNEL_NAMES = {False: "softmax", True: "log_softmax"}
 
 _PLAIN_DTYPES = (torch.float32, torch.float64)
 _PLAIN_REDUCTIONS = frozenset(validation.REDUCTIONS)
+_F32, _F64, _I64 = (np.dtype(t) for t in (np.float32, np.float64, np.int64))
+_is_compiling = torch.compiler.is_compiling
 
 
 def _plain_softmax(input, dim, dtype) -> bool:
@@ -53,8 +55,36 @@ def _plain_softmax(input, dim, dtype) -> bool:
     )
 
 
+def _book_rows(input, dim):
+    """A NumPy view of the book's softmax input, or None: contiguous CPU float32/64 rows ``(N, C)``, ``dim`` the last.
+
+    Rows of at most ``config.CPU_SMALL_CLASSES`` classes and fewer than
+    ``config.CPU_PARALLEL_MIN_ELEMENTS`` elements, which the one-call
+    kernels of ``kernels/cpu_small.py`` take (see :func:`_book_arrays` for
+    why the view is made first and the rest read from it).
+    """
+    if not (type(input) is torch.Tensor and (dim == -1 or dim == 1) and input.is_cpu and input.layout is torch.strided):
+        return None
+    try:
+        x = input.detach().numpy()
+    except (TypeError, RuntimeError):  # a conjugate or negative view: the general path
+        return None
+    if not (x.ndim == 2 and (x.dtype is _F32 or x.dtype is _F64) and x.flags.c_contiguous):
+        return None
+    n_rows, n_classes = x.shape
+    if 0 < n_classes <= config.CPU_SMALL_CLASSES and 0 < n_rows * n_classes < config.CPU_PARALLEL_MIN_ELEMENTS:
+        return x
+    return None
+
+
 def _softmax(input, dim, stacklevel, dtype, log: bool, name: str):
-    if _plain_softmax(input, dim, dtype) and not torch.compiler.is_compiling():
+    if dtype is None and type(dim) is int and not _is_compiling():
+        rows = _book_rows(input, dim)
+        if rows is not None:
+            if input.requires_grad and torch.is_grad_enabled():
+                return softmax_op.book_apply(input, rows, log)
+            return softmax_op.forward_book(rows, log)
+    if _plain_softmax(input, dim, dtype) and not _is_compiling():
         dim %= input.ndim
         if input.requires_grad and torch.is_grad_enabled():
             return (softmax_op.LogSoftmaxCore if log else softmax_op.SoftmaxCore).apply(input, dim)
@@ -240,9 +270,6 @@ def cross_entropy(
     return CrossEntropyOutput(loss, z_value, lse if return_lse else None)
 
 
-_is_compiling = torch.compiler.is_compiling
-
-
 def _book_arrays(input, target, ignore_index, reduction, label_smoothing):
     """NumPy views ``(x, t)`` of the logits and targets of the book's call, or None for any other call.
 
@@ -288,8 +315,6 @@ def _book_arrays(input, target, ignore_index, reduction, label_smoothing):
         return x, t
     return None
 
-
-_F32, _F64, _I64 = (np.dtype(t) for t in (np.float32, np.float64, np.int64))
 
 
 def _plain_cross_entropy(input, target, ignore_index, reduction, label_smoothing) -> bool:

@@ -24,6 +24,7 @@ and the gradients from the output :math:`y`:
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.library import custom_op
@@ -31,6 +32,7 @@ from torch.library import custom_op
 from .. import validation
 from ..kernels import config
 from . import layout
+from .direct import direct_apply
 from .layout import as_rows, device, rows_last, to_dtype
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
@@ -262,6 +264,51 @@ class LogSoftmaxCore(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         return _function_backward(ctx, grad_output, log=True)
+
+
+def forward_book(x, log: bool) -> Tensor:
+    """softmax (or log_softmax) of the book's rows: ``x`` a NumPy view of contiguous float32/64 rows ``(N, C)``.
+
+    Rows of a few classes and too few for threads (checked by the caller,
+    ``fastsoftmax.functional._book_rows``): one call of the serial kernel
+    of ``kernels/cpu_small.py`` into an output made by NumPy.
+    """
+    y = np.empty(x.shape, x.dtype)
+    _cpu_backend().softmax_forward_small(x, y, log)
+    return torch.from_numpy(y)
+
+
+class BookSoftmax(torch.autograd.Function):
+    """:class:`SoftmaxCore` and :class:`LogSoftmaxCore` for the book's rows, with the fewest steps.
+
+    ``apply(input, x, log)``: ``x`` is a NumPy view of ``input`` as
+    :func:`forward_book` takes it, ``dim`` the last. Applied through
+    :func:`book_apply` (no Python wrapper): at 256 x 10 each step here costs
+    as much as the kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, input, x, log):
+        y = forward_book(x, log)
+        ctx.log = log
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (y,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the backward too
+            return backward_graph(y, grad_output, 1, ctx.log), None, None
+        if grad_output.dtype != y.dtype:
+            grad_output = grad_output.to(y.dtype)
+        ya = y.detach().numpy()
+        dx = np.empty(ya.shape, ya.dtype)
+        # any strides: the gradient of a sum arrives expanded from one element
+        _cpu_backend().softmax_backward_small(ya, grad_output.detach().numpy(), dx, ctx.log)
+        return torch.from_numpy(dx), None, None
+
+
+book_apply = direct_apply(BookSoftmax, 1)
 
 
 class SoftmaxFunction(SoftmaxCore):
