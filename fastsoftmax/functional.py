@@ -275,7 +275,7 @@ def _book_arrays(input, target, ignore_index, reduction, label_smoothing):
 
     The book's call: CPU float32/64 logits ``(N, C)``, contiguous, of at most
     ``config.CPU_SMALL_CLASSES`` classes and fewer than
-    ``config.CPU_PARALLEL_MIN_ELEMENTS`` elements, int64 targets ``(N,)``,
+    ``config.CPU_PARALLEL_MIN_ELEMENTS`` elements, contiguous int64 targets ``(N,)``,
     a mean or a sum, plain options: every check of
     :func:`validation.check_cross_entropy` would pass, and
     :class:`.ops.cross_entropy.PlainCrossEntropy` takes it. At 256 x 10,
@@ -303,7 +303,7 @@ def _book_arrays(input, target, ignore_index, reduction, label_smoothing):
         t = target.numpy()
     except (TypeError, RuntimeError):  # a target on another device or layout, a conjugate view: the general path
         return None
-    if not (x.ndim == 2 and t.ndim == 1 and (x.dtype is _F32 or x.dtype is _F64) and t.dtype is _I64):
+    if not (x.ndim == 2 and t.ndim == 1 and (x.dtype is _F32 or x.dtype is _F64) and t.dtype is _I64 and t.flags.c_contiguous):
         return None
     n_rows, n_classes = x.shape
     if (

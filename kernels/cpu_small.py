@@ -12,7 +12,7 @@ parallel middle-axis kernels on copies made by the host.
 """
 
 import numpy as np
-from numba import njit
+from numba import from_dtype, njit, types
 
 from .cpu_common import STEP, WORKERS
 from .cpu_middle import (
@@ -157,3 +157,39 @@ softmax_backward_small = njit(**OPTIONS)(renamed(_softmax_backward_small, "_seri
 cross_entropy_small = njit(**OPTIONS)(renamed(_cross_entropy_small, "_serial"))
 total = njit(**OPTIONS)(renamed(_total, "_serial"))
 cross_entropy_small_reduced = njit(**OPTIONS)(renamed(_cross_entropy_small_reduced, "_serial"))
+
+
+class _Entries(dict):
+    """One kernel's compiled entry points by NumPy dtype: the call without Numba's type dispatch.
+
+    ``entries[x.dtype](*arrays)`` calls the kernel compiled (or loaded from
+    the on-disk cache) for ``signature(numba element type)`` on first use.
+    Numba's dispatch works out the types of every argument on each call,
+    a few microseconds with cold caches at the book's 256 x 10; the entry
+    point only unboxes them. It checks each array's dtype but **not its
+    number of dimensions or its layout**: callers pass arrays of exactly
+    the signature's (a "C" array must be C-contiguous).
+    """
+
+    def __init__(self, kernel, signature):
+        super().__init__()
+        self.kernel, self.signature = kernel, signature
+
+    def __missing__(self, dtype):
+        entry = self[dtype] = self.kernel.compile(self.signature(from_dtype(dtype)))
+        return entry
+
+
+def _c_rows(f):
+    return types.Array(f, 2, "C")
+
+
+#: ``[dtype](x, y, log)``: x, y C-contiguous (R, C)
+SOFTMAX_FORWARD = _Entries(softmax_forward_small, lambda f: (_c_rows(f), _c_rows(f), types.boolean))
+#: ``[dtype](y, dy, dx, log)``: y, dx C-contiguous (R, C), dy (R, C) of any strides
+SOFTMAX_BACKWARD = _Entries(softmax_backward_small, lambda f: (_c_rows(f), types.Array(f, 2, "A"), _c_rows(f), types.boolean))
+#: ``[dtype](x, target, ignore_index, eps, mean, grad)``: x, grad C-contiguous (R, C), target contiguous int64 (R,)
+CROSS_ENTROPY_REDUCED = _Entries(
+    cross_entropy_small_reduced,
+    lambda f: (_c_rows(f), types.Array(types.int64, 1, "C"), types.int64, types.float64, types.boolean, _c_rows(f)),
+)

@@ -311,3 +311,17 @@ def test_direct_apply_leaves_functorch_transforms_to_the_public_apply(monkeypatc
     assert direct.direct_apply(PlainCrossEntropy, 2) is not PlainCrossEntropy.apply
     monkeypatch.setattr(direct, "_INTERNALS", None)  # a torch without the internals: the public apply itself
     assert direct.direct_apply(PlainCrossEntropy, 2) == PlainCrossEntropy.apply
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("n_classes", [10, 1000])
+def test_strided_targets_and_logits(reduction, n_classes):
+    """Targets and logits that are views with strides (t[::2]), on the book's shape and a wide one."""
+    x = randn(16, 2 * n_classes, dtype=torch.float32, seed=4)[:, ::2]
+    t = _targets((32, n_classes), "ignore", seed=4)[::2]
+    assert not x.is_contiguous() and not t.is_contiguous()
+    for xs in (x, x.contiguous()):
+        loss, dx = _run(fastsoftmax.cross_entropy, xs, t, reduction=reduction)
+        ref_loss, ref_dx = _run(TF.cross_entropy, xs.double(), t, reduction=reduction)
+        assert_close(loss, ref_loss, torch.float32)
+        assert_close(dx, ref_dx, torch.float32)

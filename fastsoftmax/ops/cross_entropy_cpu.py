@@ -117,7 +117,7 @@ def _forward_rows(input, target, ignore_index, reduction, eps, compute_grad):
     """
     be = device(input).backend()
     n_rows, n_classes = input.shape
-    t = target.numpy()
+    t = np.ascontiguousarray(target.numpy())  # a strided target (t[::2]) copied: the kernels view it as (1, N)
     loss = np.empty(n_rows)
     if be.small_rows(n_rows, n_classes):
         # a few classes and rows: one serial call checks the targets, transposes and runs the middle-axis kernel
@@ -157,7 +157,7 @@ def forward_reduced(x, t, ignore_index, reduction, eps, compute_grad) -> tuple:
     bits as :func:`_forward_rows`.
     """
     grad = np.empty(x.shape if compute_grad else (0, x.shape[1]), x.dtype)
-    bad, value = (_SMALL or _small()).cross_entropy_small_reduced(x, t, ignore_index, eps, reduction == "mean", grad)
+    bad, value = (_SMALL or _small()).CROSS_ENTROPY_REDUCED[x.dtype](x, t, ignore_index, eps, reduction == "mean", grad)
     if bad >= 0:
         raise bad_target(int(t[bad]), bad, x.shape[1], ignore_index)
     return torch.scalar_tensor(value, dtype=_TORCH_DTYPES[x.dtype.char]), torch.from_numpy(grad)

@@ -274,8 +274,19 @@ def forward_book(x, log: bool) -> Tensor:
     of ``kernels/cpu_small.py`` into an output made by NumPy.
     """
     y = np.empty(x.shape, x.dtype)
-    _cpu_backend().softmax_forward_small(x, y, log)
+    (_CPU_SMALL or _cpu_small()).SOFTMAX_FORWARD[x.dtype](x, y, log)
     return torch.from_numpy(y)
+
+
+def _cpu_small():
+    global _CPU_SMALL
+    from ..kernels import cpu_small  # on first use: it loads Numba
+
+    _CPU_SMALL = cpu_small
+    return cpu_small
+
+
+_CPU_SMALL = None
 
 
 class BookSoftmax(torch.autograd.Function):
@@ -304,7 +315,7 @@ class BookSoftmax(torch.autograd.Function):
         ya = y.detach().numpy()
         dx = np.empty(ya.shape, ya.dtype)
         # any strides: the gradient of a sum arrives expanded from one element
-        _cpu_backend().softmax_backward_small(ya, grad_output.detach().numpy(), dx, ctx.log)
+        (_CPU_SMALL or _cpu_small()).SOFTMAX_BACKWARD[ya.dtype](ya, grad_output.detach().numpy(), dx, ctx.log)
         return torch.from_numpy(dx), None, None
 
 
