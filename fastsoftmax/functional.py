@@ -83,7 +83,7 @@ def _softmax(input, dim, stacklevel, dtype, log: bool, name: str):
         if rows is not None:
             if input.requires_grad and torch.is_grad_enabled():
                 return softmax_op.book_apply(input, rows, log)
-            return softmax_op.forward_book(rows, log)
+            return softmax_op.forward_book(rows, log)[0]
     if _plain_softmax(input, dim, dtype) and not _is_compiling():
         dim %= input.ndim
         if input.requires_grad and torch.is_grad_enabled():

@@ -156,3 +156,40 @@ def test_large_output_comes_from_pool_and_is_reused():
     assert y3.data_ptr() == ptr, "a freed output should be reused"
     torch.testing.assert_close(y2, expected, rtol=0, atol=0)
     assert _pool.cached_bytes() >= 2 * x.numel() * 4
+
+
+@pytest.mark.parametrize("op,ref", OPS, ids=OP_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_book_rows_take_book_softmax_forward_backward_and_twice(op, ref, dtype, monkeypatch):
+    """Rows of the book's shape go through ops.softmax.BookSoftmax: against float64, then its corner cases."""
+    from fastsoftmax.ops import softmax as softmax_ops
+
+    calls = []
+    original = softmax_ops.forward_book
+    monkeypatch.setattr(softmax_ops, "forward_book", lambda *a: calls.append(a) or original(*a))
+    x = randn(256, 10, dtype=dtype, seed=21).requires_grad_()
+    dy = randn(256, 10, dtype=dtype, seed=22)
+    y = op(x, -1)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    assert len(calls) == 1, "the book's rows did not take BookSoftmax"
+    x64 = x.detach().double().requires_grad_()
+    y64 = ref(x64, -1)
+    assert_close(y, y64, dtype)
+    log = op is fastsoftmax.log_softmax
+    assert_close(dx, backward_reference(log, y.detach(), dy, -1), dtype)
+    # the gradient of a sum arrives expanded (stride 0)
+    (dx_sum,) = torch.autograd.grad(op(x, 1).sum(), x)
+    assert_close(dx_sum, backward_reference(log, y.detach(), torch.ones_like(dy), -1), dtype)
+    # double backward: a Hessian-vector product against torch's
+    v = randn(256, 10, dtype=dtype, seed=23)
+    hv = []
+    for f, xx in ((op, x), (ref, x.detach().clone().requires_grad_())):
+        (g,) = torch.autograd.grad((f(xx, -1) * dy).sum(), xx, create_graph=True)
+        hv.append(torch.autograd.grad((g * v).sum(), xx)[0])
+    assert_close(hv[0], hv[1], dtype)
+    # the output written in place before the backward: autograd's error, as torch's
+    for f in (op, ref):
+        out = f(x, -1)
+        out.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.backward(dy)

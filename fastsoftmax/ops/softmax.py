@@ -266,16 +266,17 @@ class LogSoftmaxCore(torch.autograd.Function):
         return _function_backward(ctx, grad_output, log=True)
 
 
-def forward_book(x, log: bool) -> Tensor:
-    """softmax (or log_softmax) of the book's rows: ``x`` a NumPy view of contiguous float32/64 rows ``(N, C)``.
+def forward_book(x, log: bool) -> tuple:
+    """softmax (or log_softmax) of the book's rows: ``(output, its NumPy array)``.
 
-    Rows of a few classes and too few for threads (checked by the caller,
+    ``x``: a NumPy view of contiguous float32/64 rows ``(N, C)`` of a few
+    classes and too few for threads (checked by the caller,
     ``fastsoftmax.functional._book_rows``): one call of the serial kernel
     of ``kernels/cpu_small.py`` into an output made by NumPy.
     """
     y = np.empty(x.shape, x.dtype)
     (_CPU_SMALL or _cpu_small()).SOFTMAX_FORWARD[x.dtype](x, y, log)
-    return torch.from_numpy(y)
+    return torch.from_numpy(y), y
 
 
 def _cpu_small():
@@ -300,19 +301,19 @@ class BookSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, x, log):
-        y = forward_book(x, log)
+        y, ctx.y_array = forward_book(x, log)  # the array for the kernel of the backward: no conversion there
         ctx.log = log
         ctx.save_for_backward(y)
         return y
 
     @staticmethod
     def backward(ctx, grad_output):
-        (y,) = ctx.saved_tensors
+        (y,) = ctx.saved_tensors  # also autograd's check that nothing wrote to y since
         if torch.is_grad_enabled():  # create_graph=True: differentiate the backward too
             return backward_graph(y, grad_output, 1, ctx.log), None, None
         if grad_output.dtype != y.dtype:
             grad_output = grad_output.to(y.dtype)
-        ya = y.detach().numpy()
+        ya = ctx.y_array
         dx = np.empty(ya.shape, ya.dtype)
         # any strides: the gradient of a sum arrives expanded from one element
         (_CPU_SMALL or _cpu_small()).SOFTMAX_BACKWARD[ya.dtype](ya, grad_output.detach().numpy(), dx, ctx.log)
