@@ -230,8 +230,8 @@ def cross_entropy(
         book = None if compiling else _book_arrays(input, target, ignore_index, reduction, label_smoothing)
         if book is not None:
             if input.requires_grad and torch.is_grad_enabled():
-                return ce_op.plain_apply(input, target, *book, ignore_index, reduction, label_smoothing)
-            return ce_cpu.forward_reduced(*book, ignore_index, reduction, label_smoothing, False)[0]
+                return ce_op.plain_apply(input, target, book)
+            return ce_cpu.forward_reduced(book, False)[0]
         if not compiling and _plain_cross_entropy(input, target, ignore_index, reduction, label_smoothing):
             if input.requires_grad and torch.is_grad_enabled():
                 return ce_op.CrossEntropyCore.apply(input, target, None, ignore_index, reduction, label_smoothing)
@@ -271,7 +271,9 @@ def cross_entropy(
 
 
 def _book_arrays(input, target, ignore_index, reduction, label_smoothing):
-    """NumPy views ``(x, t)`` of the logits and targets of the book's call, or None for any other call.
+    """The book's call as its kernel takes it, ``(x, t, ignore_index, reduction, label_smoothing)``, or None.
+
+    ``x`` and ``t`` are NumPy views of the logits and the targets.
 
     The book's call: CPU float32/64 logits ``(N, C)``, contiguous, of at most
     ``config.CPU_SMALL_CLASSES`` classes and fewer than
@@ -312,7 +314,7 @@ def _book_arrays(input, target, ignore_index, reduction, label_smoothing):
         and n_rows * n_classes < config.CPU_PARALLEL_MIN_ELEMENTS
         and x.flags.c_contiguous
     ):
-        return x, t
+        return x, t, ignore_index, reduction, label_smoothing
     return None
 
 

@@ -318,34 +318,36 @@ class CrossEntropyCore(torch.autograd.Function):
 class PlainCrossEntropy(torch.autograd.Function):
     """:class:`CrossEntropyCore` for the book's call, with the fewest steps: what :func:`fastsoftmax.cross_entropy` runs for it.
 
-    ``apply(input, target, x, t, ignore_index, reduction, label_smoothing)``:
-    ``x`` and ``t`` are NumPy views of ``input`` and ``target``, which are
-    contiguous CPU float32/64 logits ``(N, C)`` of a few classes and rows and
-    int64 targets ``(N,)``; no weight, a mean or a sum; all checked by the
-    caller (``fastsoftmax.functional._book_arrays``). One kernel call checks
-    the targets, computes the loss and its gradient and reduces the loss
-    (:func:`.cross_entropy_cpu.forward_reduced`); the backward hands the
-    gradient over (or scales it), as :class:`CrossEntropyCore`'s. Applied
-    through :data:`plain_apply` (no Python wrapper): at 256 x 10 each step
-    here costs as much as the kernel.
+    ``apply(input, target, book)``: ``book = (x, t, ignore_index, reduction,
+    label_smoothing)``, with ``x`` and ``t`` NumPy views of ``input`` and
+    ``target``, which are contiguous CPU float32/64 logits ``(N, C)`` of a
+    few classes and rows and int64 targets ``(N,)``; no weight, a mean or a
+    sum; all checked by the caller (``fastsoftmax.functional._book_arrays``).
+    One kernel call checks the targets, computes the loss and its gradient
+    and reduces the loss (:func:`.cross_entropy_cpu.forward_reduced`); the
+    backward hands the gradient over (or scales it), as
+    :class:`CrossEntropyCore`'s. Applied through :data:`plain_apply` (no
+    Python wrapper) with three arguments: at 256 x 10 each step here, each
+    argument ``Function.apply`` sorts through, costs as much as a few rows
+    of the kernel.
     """
 
     @staticmethod
-    def forward(ctx, input, target, x, t, ignore_index, reduction, label_smoothing):
-        loss, grad = cpu_design.forward_reduced(x, t, ignore_index, reduction, label_smoothing, True)
+    def forward(ctx, input, target, book):
+        loss, grad = cpu_design.forward_reduced(book, True)
         ctx.save_for_backward(grad, input, target)
-        ctx.args = (ignore_index, reduction, label_smoothing)
+        ctx.book = book
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
         grad, input, target = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the loss again in torch ops, differentiable
-            ignore_index, reduction, label_smoothing = ctx.args
+            _, _, ignore_index, reduction, label_smoothing = ctx.book
             grad = backward_graph(input, target, None, ignore_index, reduction, label_smoothing, 0.0, grad_output)
         elif grad_output.item() != 1.0:  # a scalar: the loss is reduced
             grad = grad * grad_output
-        return grad, None, None, None, None, None, None
+        return grad, None, None
 
 
 plain_apply = direct_apply(PlainCrossEntropy, 2)

@@ -145,25 +145,25 @@ def _forward_rows(input, target, ignore_index, reduction, eps, compute_grad):
 _NO_LSE = {dtype: torch.empty(0, dtype=dtype) for dtype in _KERNEL_DTYPES}
 
 
-def forward_reduced(x, t, ignore_index, reduction, eps, compute_grad) -> tuple:
+def forward_reduced(book: tuple, compute_grad: bool) -> tuple:
     """``(loss, grad)`` for the book's call: one kernel call checks the targets, computes and reduces the loss.
 
-    ``x``, ``t``: NumPy views of contiguous float32/64 logits ``(N, C)`` of
-    at most ``config.CPU_SMALL_CLASSES`` classes and fewer than
-    ``config.CPU_PARALLEL_MIN_ELEMENTS`` elements and of int64 targets
-    ``(N,)``; no weight; a mean or a sum (checked by the caller:
+    ``book = (x, t, ignore_index, reduction, eps)``: NumPy views of
+    contiguous float32/64 logits ``(N, C)`` of at most
+    ``config.CPU_SMALL_CLASSES`` classes and fewer than
+    ``config.CPU_PARALLEL_MIN_ELEMENTS`` elements and of contiguous int64
+    targets ``(N,)``; no weight; a mean or a sum (checked by the caller:
     ``fastsoftmax.functional._book_arrays``). ``grad`` is the gradient for a
     unit grad_output (no rows unless ``compute_grad``). The same kernels and
-    bits as :func:`_forward_rows`.
+    bits as :func:`_forward_rows`. The loss is a 0-d tensor made from NumPy
+    (``torch.scalar_tensor`` costs twice as much with cold caches).
     """
+    x, t, ignore_index, reduction, eps = book
     grad = np.empty(x.shape if compute_grad else (0, x.shape[1]), x.dtype)
     bad, value = (_SMALL or _small()).CROSS_ENTROPY_REDUCED[x.dtype](x, t, ignore_index, eps, reduction == "mean", grad)
     if bad >= 0:
         raise bad_target(int(t[bad]), bad, x.shape[1], ignore_index)
-    return torch.scalar_tensor(value, dtype=_TORCH_DTYPES[x.dtype.char]), torch.from_numpy(grad)
-
-
-_TORCH_DTYPES = {"f": torch.float32, "d": torch.float64}
+    return torch.from_numpy(np.array(value, x.dtype)), torch.from_numpy(grad)
 
 
 def _small():
