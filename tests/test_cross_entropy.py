@@ -309,6 +309,13 @@ def test_direct_apply_leaves_functorch_transforms_to_the_public_apply(monkeypatc
     with pytest.raises(RuntimeError, match="setup_context"):
         torch.func.grad(lambda x: fastsoftmax.cross_entropy(x, t))(x)
     assert direct.direct_apply(PlainCrossEntropy, 2) is not PlainCrossEntropy.apply
+    # the node calls backward straight away, also when called by hand
+    assert PlainCrossEntropy._backward_cls.apply is PlainCrossEntropy.backward
+    xa = x.clone().requires_grad_()
+    loss = fastsoftmax.cross_entropy(xa, t)
+    xr = x.clone().requires_grad_()
+    TF.cross_entropy(xr, t).backward()
+    assert_close(loss.grad_fn.apply(torch.tensor(2.0))[0], 2 * xr.grad)
     monkeypatch.setattr(direct, "_INTERNALS", None)  # a torch without the internals: the public apply itself
     assert direct.direct_apply(PlainCrossEntropy, 2) == PlainCrossEntropy.apply
 

@@ -15,6 +15,14 @@ whole kernel.
 unwraps dead wrappers and calls the C half; inside them it calls the public
 ``apply``, which raises torch's own error. Where this torch lacks any of the
 three internals it relies on, it is the public ``apply`` itself.
+
+The backward has the same kind of Python layer: the engine calls the node's
+``apply`` (``BackwardCFunction.apply``), which looks up ``backward`` and
+``vjp`` on the Function class and checks that only one is defined before
+it calls ``backward``: two Python frames per backward. :func:`direct_apply`
+also binds the node's ``apply`` to the Function's ``backward`` itself,
+where the Function defines ``backward`` and not ``vjp`` (then the lookup
+always finds ``backward``) and does not ask for boxed gradients.
 """
 
 import torch
@@ -40,6 +48,7 @@ def direct_apply(cls, n_tensors: int):
         return cls.apply
     c_apply, transforms_active, unwrap = _INTERNALS
     c_apply = c_apply.__get__(None, cls)
+    _direct_backward(cls)
     public = cls.apply
     if n_tensors == 1:
 
@@ -59,3 +68,19 @@ def direct_apply(cls, n_tensors: int):
         raise ValueError(f"direct_apply: {n_tensors} tensor arguments are not supported")
     apply.__doc__ = f"``{cls.__name__}.apply`` without its Python wrapper (:func:`{__name__}.direct_apply`)."
     return apply
+
+
+def _direct_backward(cls) -> None:
+    """Have the engine call ``cls.backward(ctx, *grads)`` straight from the node (see the module's docstring)."""
+    node = getattr(cls, "_backward_cls", None)
+    base = getattr(torch.autograd.function, "BackwardCFunction", None)
+    if (
+        node is None
+        or base is None
+        or not issubclass(node, base)
+        or node.apply is not base.apply  # already bound, or torch's own changed
+        or cls.vjp is not torch.autograd.Function.vjp
+        or getattr(cls, "boxed_grads_call", False)
+    ):
+        return
+    node.apply = cls.backward  # a plain function on the node's class: called as backward(ctx, *grads)
