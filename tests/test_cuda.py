@@ -30,8 +30,9 @@ COLUMNS = [
     1000,  # warp per row (float32, bfloat16), block (float64)
     1025,  # just past a warp's registers: block per row, unaligned
     4096,  # block per row, whole chunks
+    24576,  # half-precision softmax backward between 16k and 32k columns: block per row
     24577,  # log-softmax float32 past its registers: online
-    32768,  # block per row at the registers' limit (float32 / half forward)
+    32768,  # block per row at the registers' limit (float32 forward, half forward and backward)
     32769,  # online, unaligned
     262144,  # the longest rows the issue names
 ]

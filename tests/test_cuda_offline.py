@@ -29,6 +29,7 @@ folder.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -196,3 +197,16 @@ def test_every_planned_kernel_is_gated():
             shape = kernels.ce_plan(n_cols, dtype)[0]
             for family in ("ce_fwd", "ce_bwd", "ce_prob_fwd", "ce_prob_bwd"):
                 assert (family, (dtype, shape)) in wanted
+
+
+def test_the_readme_table_of_rows_on_chip_is_what_the_plans_do():
+    """Each limit of the README's table is the longest row the plans keep on chip: a block kernel there, the online kernel one column past it."""
+    text = (HERE.parent / "README.md").read_text()
+    rows = re.findall(r"^\| (log-softmax|softmax) (forward|backward): [^|]*\| (\d+) \| (\d+) \| (\d+) \|$", text, re.M)
+    assert len(rows) == 4, rows
+    for op, direction, *limits in rows:
+        log, backward = op == "log-softmax", direction == "backward"
+        for dtypes, limit in zip((("float32",), ("float64",), ("float16", "bfloat16")), map(int, limits)):
+            for dtype in dtypes:
+                assert kernels.softmax_plan(limit, dtype, log, backward)[0] == "block", (op, direction, dtype, limit)
+                assert kernels.softmax_plan(limit + 1, dtype, log, backward)[0] == "online", (op, direction, dtype, limit)
