@@ -157,7 +157,9 @@ def background(request, tmp_path_factory):
 
 def test_simulator_runs_every_kernel_and_the_torch_side(background):
     """Every launch shape, aligned and unaligned rows, every dtype (bfloat16 too), the shuffle reductions
-    with real 32-lane warps, two warps a block and partial last blocks; then the CUDA design's torch side."""
+    with real 32-lane warps, two warps a block and partial last blocks, one and two chunks a thread
+    (float32 and bfloat16 warp and block kernels, forward and backward, with a partial last chunk);
+    then the CUDA design's torch side."""
     code, out = background.simulator()
     assert code == 0, out[-6000:]
     assert "all simulator checks passed" in out
