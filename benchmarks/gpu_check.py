@@ -18,8 +18,9 @@ On one NVIDIA GPU, in under 8 minutes on an H200 (``--budget`` seconds,
    forward+backward, in float32 and bfloat16, rows of 1k to 256k columns,
    the effective bandwidth (bytes that must move / median time per call,
    CUDA events around back-to-back calls) of fastsoftmax, torch eager,
-   ``torch.compile`` (and Liger-Kernel where it is installed), and the peak
-   memory of cross-entropy forward+backward; then, with the time left and
+   ``torch.compile`` (and Liger-Kernel where it is installed), and the
+   memory cross-entropy forward+backward adds at its peak to the logits
+   already allocated (:data:`CE_PEAK_ADDED`); then, with the time left and
    CuPy installed, ``benchmarks/array_bench.py --device cuda`` (the array
    API against ``cupyx.scipy.special`` and naive CuPy at 8192x32000).
 
@@ -72,6 +73,19 @@ SOFTMAX_OF_COPY = 0.90
 CE_OF_COPY = 0.85
 CE_OVER_EAGER = 2.0
 CE_PEAK_OF_LOGITS = 1.1
+#: What the peak-memory goal measures. The issue's "peak memory <= 1.1x the
+#: logits" answers a review that found the old design at "3x the logits
+#: where 1x is possible": 3x counted the forward's gradient and the
+#: backward's new buffer as well as the logits themselves, 1x the gradient
+#: alone. So the goal counts what forward + backward add to the memory
+#: allocated before the call (the logits and the targets are there already):
+#: ``max_memory_allocated() - memory_allocated()`` before the call, 1.0x the
+#: logits for the gradient. Total memory, the logits included, would be
+#: 2.0x at least for any implementation.
+CE_PEAK_ADDED = (
+    "peak added = the most memory allocated during one forward+backward beyond what was allocated "
+    "before it (the logits and targets); the gradient alone is 1.0x the logits"
+)
 CE_GOAL_COLUMNS = (4096, 131072)
 SOFTMAX_GOAL_COLUMNS = (4096, 262144)  # the range, inclusive
 
@@ -175,11 +189,11 @@ def evaluate_goals(results: dict) -> list:
                     detail.append(f"{ms / r['ms']:.2f}x {provider}")
                 elif provider != "liger":
                     checks[f">= {factor:g}x {provider}"] = None
-            peak = r.get("peak_bytes")
+            peak = r.get("peak_added_bytes")
             if peak is not None:
                 logits = r["rows"] * r["cols"] * {"float32": 4, "bfloat16": 2}[dtype]
-                checks[f"peak <= {CE_PEAK_OF_LOGITS:g}x logits"] = peak <= CE_PEAK_OF_LOGITS * logits
-                detail.append(f"peak {peak / logits:.2f}x logits")
+                checks[f"peak added <= {CE_PEAK_OF_LOGITS:g}x logits"] = peak <= CE_PEAK_OF_LOGITS * logits
+                detail.append(f"peak added {peak / logits:.2f}x logits")
             known = [v for v in checks.values() if v is not None]
             holds = None if len(known) < len(checks) and all(known) else all(known)
             goals.append(_goal(f"{name}: " + ", ".join(checks), holds, ", ".join(detail)))
@@ -200,8 +214,9 @@ def markdown(results: dict) -> str:
         f"device-to-device copy {copy:.0f} GB/s (bytes read + written)." if copy else "Copy bandwidth not measured.",
         "Effective bandwidth = bytes that must move / median time (2, 5 and 3 times the logits' bytes for "
         "softmax forward, softmax forward+backward and cross-entropy forward+backward). Speed-ups are fastsoftmax's over each provider.",
+        f"Cross-entropy memory: {CE_PEAK_ADDED}; not the total, which counts the logits too.",
         "",
-        "| op | dtype | rows x cols | fastsoftmax ms | GB/s | of copy | vs torch | vs torch.compile | vs Liger | peak / logits |",
+        "| op | dtype | rows x cols | fastsoftmax ms | GB/s | of copy | vs torch | vs torch.compile | vs Liger | peak added / logits |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     ours = [r for r in results.get("bench", []) if r["provider"] == "fastsoftmax" and r.get("ms") is not None]
@@ -210,7 +225,7 @@ def markdown(results: dict) -> str:
             ms = _ms(results, r["op"], r["dtype"], provider, r["cols"])
             return f"{ms / r['ms']:.2f}x" if ms else "-"
 
-        peak = r.get("peak_bytes")
+        peak = r.get("peak_added_bytes")
         logits = r["rows"] * r["cols"] * {"float32": 4, "bfloat16": 2}[r["dtype"]]
         lines.append(
             f"| {r['op']} | {r['dtype']} | {r['rows']}x{r['cols']} | {r['ms']:.3f} | {r['gbps']:.0f} | "
@@ -273,6 +288,7 @@ def print_goals(results: dict) -> None:
     for g in results["goals"]:
         mark = {True: "HOLDS ", False: "MISSED", None: "  ?   "}[g["holds"]]
         print(f"  [{mark}] {g['goal']}: {g['detail']}")
+    print(f"  ({CE_PEAK_ADDED})")
 
 
 # --- on the GPU -------------------------------------------------------------------------
@@ -526,10 +542,10 @@ def measure(op, dtype_name, rows, cols, provider, fns) -> dict:
         x.grad = None
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        base = torch.cuda.memory_allocated()  # the logits and targets: not counted (CE_PEAK_ADDED)
         call()
         torch.cuda.synchronize()
-        row["peak_bytes"] = torch.cuda.max_memory_allocated() - base
+        row["peak_added_bytes"] = torch.cuda.max_memory_allocated() - base
     del x
     return dict(row, ms=ms, gbps=row["bytes"] / (ms / 1000) / 1e9)
 

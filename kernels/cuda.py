@@ -4,6 +4,8 @@
 * :mod:`.cuda_cross_entropy`: cross-entropy forward (loss and per-row
   statistics), backward (the gradient rebuilt from them), and two one-block
   helpers.
+* :mod:`.cuda_lse`: the array API's log-sum-exp (:func:`array_kernels`;
+  launched by :mod:`fastsoftmax.array`, not by the backend).
 * :mod:`.cuda_codec`, :mod:`.cuda_reduce`, :mod:`.cuda_intrinsics`: 16-byte
   chunked row access per dtype, warp and block reductions, the intrinsics
   numba-cuda lacks.
@@ -16,8 +18,9 @@ compile-time constant, and its name says all three
 (``softmax_fwd_bf16_block_c32768``, ``ce_bwd_f32_warp``). :func:`get`
 compiles one (with numba-cuda's defaults, so with link-time optimisation
 where nvJitLink is present, and with the kernel's launch bounds) the first
-time it is asked for; :func:`all_kernels` lists every one, for the offline
-gates that link them for sm_90a and sm_80 without a GPU.
+time it is asked for; :func:`all_kernels` and :func:`array_kernels` list
+every one, for the offline gates that link them for sm_90a and sm_80
+without a GPU.
 """
 
 from functools import lru_cache
@@ -25,7 +28,7 @@ from functools import lru_cache
 from numba import cuda
 from numba.cuda.core import config
 
-from . import cuda_ce_finish, cuda_cross_entropy, cuda_softmax
+from . import cuda_ce_finish, cuda_cross_entropy, cuda_lse, cuda_softmax
 from .cuda_codec import codec
 from .cuda_reduce import WARP
 
@@ -42,6 +45,7 @@ FAMILIES = {
     "ce_prob_bwd": cuda_cross_entropy.backward_prob,
     "ce_finish": cuda_ce_finish.finish,
     "ce_check_targets": cuda_ce_finish.check_targets,
+    "logsumexp": cuda_lse.spec,
 }
 
 #: Cross-entropy rows of at most this many chunks per lane of one warp run
@@ -135,3 +139,8 @@ def all_kernels():
         out.append(("ce_finish", (dtype,)))
     out.append(("ce_check_targets", ()))
     return out
+
+
+def array_kernels():
+    """``[(family, args)]`` of the kernels of :mod:`fastsoftmax.array` alone: log-sum-exp, per dtype it takes."""
+    return [("logsumexp", (dtype,)) for dtype in cuda_lse.DTYPES]

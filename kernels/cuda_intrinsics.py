@@ -14,6 +14,11 @@ r"""Device intrinsics numba-cuda lacks: 16-byte loads and stores, ``ex2.approx``
   even into one word (``cvt.rn.bf16x2.f32``, sm_80 and later);
   :func:`f16_to_f32`, :func:`u32_as_f32`, :func:`f32_as_u32`: exact
   conversions and bit casts.
+* :func:`sign_word`: 0 for a non-negative integer, all ones for a negative
+  one, computed in inline PTX, so that neither NVVM nor ptxas knows its
+  value: ``w | sign_word(n_cols)`` is ``w`` to the program but a new value
+  to the compilers, which then cannot reuse what they computed from ``w``
+  before (see :func:`kernels.cuda_softmax.backward`).
 
 In the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) each has a NumPy
 fallback with the same semantics and the same bits (little-endian word
@@ -67,6 +72,9 @@ if config.ENABLE_CUDASIM:  # pragma: no cover - exercised by the simulator drive
 
     def f16_to_f32(u):
         return np.float32(np.uint16(int(u) & 0xFFFF).view(np.float16))
+
+    def sign_word(n):
+        return np.uint32(0xFFFFFFFF if n < 0 else 0)
 
 else:
     from llvmlite import ir
@@ -197,3 +205,16 @@ else:
             return builder.bitcast(args[0], ir.IntType(32))
 
         return types.uint32(v), codegen
+
+    @intrinsic
+    def sign_word(typingctx, n):
+        """``0xFFFFFFFF`` if the integer ``n`` is negative, else 0, as a uint32 the compilers cannot fold."""
+        if not isinstance(n, types.Integer):
+            raise TypeError("sign_word takes an integer")
+
+        def codegen(context, builder, sig, args):
+            value = context.cast(builder, args[0], sig.args[0], types.int64)
+            text = "{.reg .b64 t; shr.s64 t, $1, 63; cvt.u32.u64 $0, t;}"
+            return _asm(builder, ir.IntType(32), [ir.IntType(64)], text, "=r,l", [value])
+
+        return types.uint32(n), codegen

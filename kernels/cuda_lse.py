@@ -13,7 +13,11 @@ only the other elements. float16 is read as float16; the pairs accumulate
 in float32 (float64 for float64 rows); the result is written in float64.
 
 Self-contained (numba-cuda and :mod:`.rowmath` only), so that it does not
-depend on how the softmax kernels' helpers are laid out.
+depend on how the softmax kernels' helpers are laid out. It is compiled
+like the others, by :func:`kernels.cuda.get` (family ``logsumexp``, with
+its launch bounds), and gated offline with them; its only float64
+instructions in a float32 or float16 kernel are those of the float64
+result (see ``tests/test_cuda_offline.py``).
 """
 
 import math
@@ -28,6 +32,7 @@ _device = cuda.jit(device=True, inline="always")
 _lse_merge = _device(rowmath.lse_merge)
 
 DTYPES = {"float32": float32, "float64": float64, "float16": float16}
+_SHORT = {"float32": "f32", "float64": "f64", "float16": "f16"}
 
 #: Threads per block (one block per row): 8 warps, enough loads in flight to stream a long row.
 THREADS = 256
@@ -89,7 +94,14 @@ def logsumexp_rows(dtype: str, threads: int):
                     out[r] = neg_inf
             cuda.syncthreads()
 
+    # the name a profiler shows: op, dtype, launch shape (one block per row)
+    kernel.__name__ = kernel.__qualname__ = kernel_name(dtype)
     return kernel
+
+
+def kernel_name(dtype: str) -> str:
+    """``logsumexp_f32_block``."""
+    return f"logsumexp_{_SHORT[dtype]}_block"
 
 
 def signature(dtype: str):
@@ -97,6 +109,6 @@ def signature(dtype: str):
     return void(DTYPES[dtype][:, ::1], float64[::1])
 
 
-@lru_cache(maxsize=None)
-def compiled(dtype: str, threads: int):
-    return cuda.jit(signature(dtype))(logsumexp_rows(dtype, threads))
+def spec(dtype: str):
+    """``(name, pyfunc, signature, max_threads)`` of the kernel launched with :data:`THREADS` threads (see :func:`kernels.cuda.spec`)."""
+    return kernel_name(dtype), logsumexp_rows(dtype, THREADS), signature(dtype), THREADS

@@ -19,7 +19,8 @@ Three launch shapes, chosen by :func:`kernels.cuda.softmax_plan` from the row le
 * ``online``: one block of 1024 threads per row for rows too long for the
   registers. The forward folds the row into each thread's running
   :math:`(m, s)` in one read, merges them, and reads the row again to write
-  the output; the backward reads ``dy`` (and ``y``) twice.
+  the output; the backward reads ``dy`` twice and ``y`` once (log-softmax:
+  3 reads + 1 write) or twice (softmax: 4 reads + 1 write).
 
 ``items`` (chunks per thread) is a compile-time constant of each kernel, so
 the loops over them unroll and the row stays in registers. Each exponential
@@ -31,6 +32,7 @@ from numba import cuda
 from numba.cuda.types import boolean, void
 
 from .cuda_codec import SHORT, codec
+from .cuda_intrinsics import sign_word
 from .cuda_reduce import MAX_WARPS, WARP, reducers, warp_row
 
 #: Chunks per thread kept in registers, by (direction, shape, dtype, log).
@@ -46,8 +48,8 @@ ITEMS = {}
 for _dtype, _fwd_warp, _fwd_block, _log_fwd_block, _bwd_block, _log_bwd_block in (
     ("float32", 8, 8, 6, 4, 4),
     ("float64", 4, 8, 7, 4, 3),
-    ("float16", 4, 4, 4, 2, 4),
-    ("bfloat16", 4, 4, 4, 2, 4),
+    ("float16", 4, 4, 4, 4, 4),
+    ("bfloat16", 4, 4, 4, 4, 4),
 ):
     for _log in (False, True):
         ITEMS["fwd", "warp", _dtype, _log] = _fwd_warp
@@ -232,6 +234,14 @@ def backward(dtype: str, log: bool, shape: str):
     warp_sum, block_sum = rd.warp_sum, rd.block_sum
     raw_type, raw_zero = cd.raw_type, cd.raw_type(0)
     n_raw = items * raw
+    # Half precision keeps two values to a word, and the sum decodes both
+    # operands. ptxas then keeps those decoded floats for the second loop
+    # instead of decoding the words again: 64 floats held across the
+    # reduction instead of 32 words, and the 1024-thread kernels spill at
+    # their 64 registers. Or-ing dy's words with a zero neither compiler can
+    # see (sign_word of the row length) after the reduction makes them new
+    # values there, which ptxas decodes again.
+    halves = raw != vec
 
     def kernel(y, dy, dx, aligned):
         n_rows, n_cols = y.shape
@@ -264,6 +274,10 @@ def backward(dtype: str, log: bool, shape: str):
                 g = raw_value(gs, k * raw, e)
                 t += g if log else g * raw_value(ys, k * raw, e)
         t = warp_sum(t) if per_warp else block_sum(t, sm)
+        if halves:
+            word_zero = sign_word(n_cols)  # 0: a row length is never negative
+            for i in range(n_raw):
+                gs[i] = gs[i] | word_zero
         out = cuda.local.array(vec, acc)
         dxr = dx[r]
         for k in range(items):

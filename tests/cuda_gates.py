@@ -2,8 +2,8 @@
 
     python tests/cuda_gates.py --shard 0/2 --json out.json [--controls] [--cache DIR]
 
-writes ``{kernel name: {...}}`` for every ``n``-th kernel of
-:func:`fastsoftmax.kernels.cuda.all_kernels` starting at the shard's index:
+writes ``{kernel name: {...}}`` for every ``n``-th kernel of :func:`gated`
+(the backend's kernels and the array API's) starting at the shard's index:
 the mangled entry name, the launch bounds, and per architecture the
 ptxas resources (registers, stack frame, spills, shared memory), the
 cubin's own register count and frame size, and (sm_90a) the post-LTO PTX's
@@ -27,6 +27,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import cuda_offline  # noqa: E402
 from fastsoftmax.kernels import cuda as kernels  # noqa: E402
+
+
+def gated() -> list:
+    """``[(family, args)]`` of every kernel gated: the backend's (:func:`~fastsoftmax.kernels.cuda.all_kernels`) and the array API's."""
+    return kernels.all_kernels() + kernels.array_kernels()
 
 
 def report(family: str, args: tuple) -> tuple:
@@ -68,7 +73,8 @@ def fingerprint() -> str:
     """
     digest = hashlib.sha256()
     root = Path(__file__).resolve().parent.parent
-    for path in sorted((root / "kernels").glob("cuda*.py")) + sorted(Path(__file__).parent.glob("cuda_gate*.py")):
+    sources = sorted((root / "kernels").glob("cuda*.py")) + [root / "kernels" / "rowmath.py"]  # rowmath: the log-sum-exp kernel's merge
+    for path in sources + sorted(Path(__file__).parent.glob("cuda_gate*.py")):
         digest.update(path.name.encode() + path.read_bytes())
     digest.update((Path(__file__).parent / "cuda_offline.py").read_bytes())
     for package in ("numba", "numba-cuda", "nvidia-nvjitlink", "nvidia-cuda-nvrtc", "cuda-bindings"):
@@ -93,7 +99,7 @@ def main(argv=None) -> int:
         Path(args.json).write_text(cached.read_text())
         return 0
     index, count = (int(v) for v in args.shard.split("/"))
-    todo = kernels.all_kernels()[index::count]
+    todo = gated()[index::count]
     if args.controls:
         import cuda_gate_controls
 

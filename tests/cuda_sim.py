@@ -13,7 +13,10 @@ Import this before ``fastsoftmax.kernels.cuda`` in a process started with
   of returning stale data.
 * :func:`small_launch_shapes` shrinks the tiers so that rows of a few dozen
   to a few hundred columns reach every launch shape with 64-thread blocks:
-  two real warps per block, and two rows per warp-per-row block.
+  two real warps per block, and two rows per warp-per-row block. The
+  softmax kernels of :data:`TWO_CHUNKS` keep two chunks a thread, the
+  others one, so that both the single-chunk kernels and the unrolled
+  loops' later chunks run (:func:`softmax_items`).
 """
 
 import threading
@@ -55,12 +58,22 @@ def install() -> None:
     kernelapi.FakeCUDAModule.shfl_xor_sync = shfl_xor_sync
 
 
+#: Dtypes whose softmax kernels keep two chunks a thread in the simulator (the others keep one).
+TWO_CHUNKS = ("float32", "bfloat16")
+
+
+def softmax_items(dtype: str) -> int:
+    """Chunks a thread of a ``warp`` or ``block`` softmax kernel keeps, under :func:`small_launch_shapes`."""
+    return 2 if dtype in TWO_CHUNKS else 1
+
+
 def small_launch_shapes() -> None:
-    """One chunk per thread in registers, 64-thread blocks, 2 rows per warp-per-row block."""
+    """One or two chunks per thread in registers (:func:`softmax_items`; one for cross-entropy), 64-thread blocks, 2 rows per warp-per-row block."""
     from fastsoftmax.kernels import cuda, cuda_cross_entropy, cuda_softmax
 
     for key in cuda_softmax.ITEMS:
-        cuda_softmax.ITEMS[key] = 1
+        direction, shape, dtype, log = key
+        cuda_softmax.ITEMS[key] = softmax_items(dtype)
     cuda_softmax.WARP_BLOCK = 64
     cuda_softmax.MAX_THREADS = 64
     cuda_cross_entropy.BLOCK_THREADS = 64

@@ -1,12 +1,14 @@
 """Runs the CUDA kernels in numba-cuda's simulator against float64 references, through the backend.
 
-Started by tests/test_cuda.py in its own process with
+Started by tests/test_cuda_offline.py in its own process with
 NUMBA_ENABLE_CUDASIM=1 (the variable must be set before numba.cuda is
 imported). :mod:`cuda_sim` adds the warp shuffles the simulator lacks and
 shrinks the launch shapes, so rows of a few hundred columns reach every
 kernel with 64-thread blocks (two real 32-lane warps): warp per row with a
 partial last block (3 rows, 2 a block), block per row with the row in
-registers, the online long-row kernels; aligned rows (the 16-byte vector
+registers, the online long-row kernels; one chunk a thread in registers
+(float16, float64) and two (float32, bfloat16: the second chunk's loads,
+math and stores, threads with and without one); aligned rows (the 16-byte vector
 path) and unaligned ones (the element path); every dtype, bfloat16
 included. Prints one line per case and exits non-zero on the first
 mismatch. ``--torch`` also runs the torch side of the CUDA design
@@ -152,10 +154,16 @@ def ce_prob64(x, q, w, eps, reduction, go):
 # --- cases ------------------------------------------------------------------------
 
 
-def columns(dtype, shape, aligned):
-    """A row length reaching ``shape`` (with one chunk per thread, 64-thread blocks), whole chunks or not."""
+def columns(dtype, shape, aligned, items=1):
+    """A row length reaching ``shape`` with ``items`` chunks a thread and 64-thread blocks, whole chunks or not.
+
+    With two chunks a thread the row has more chunks than threads, so every
+    thread's first chunk is loaded and some threads' second: the warp's 32
+    lanes hold 48 chunks, the block's 64 threads 100 (36 of them a second).
+    Unaligned rows end on a partial chunk, a second chunk with two.
+    """
     vec = codec(dtype).vec
-    n_chunks = {"warp": 16, "block": 50, "online": 90}[shape]
+    n_chunks = {1: {"warp": 16, "block": 50, "online": 90}, 2: {"warp": 48, "block": 100, "online": 150}}[items][shape]
     return n_chunks * vec if aligned else n_chunks * vec - vec // 2 - 1 if vec > 2 else n_chunks * vec - 1
 
 
@@ -186,11 +194,14 @@ def softmax_cases():
     for dtype, shapes in plans.items():
         for shape, aligned in shapes:
             n_rows = 3 if shape == "warp" else 2
-            n_cols = columns(dtype, shape, aligned)
-            assert kc.softmax_plan(n_cols, dtype, False, False)[0] == shape, (dtype, n_cols)
+            n_cols = columns(dtype, shape, aligned, cuda_sim.softmax_items(dtype))
+            for log in (False, True):  # forward and backward run the same shape
+                for backward in (False, True):
+                    assert kc.softmax_plan(n_cols, dtype, log, backward)[0] == shape, (dtype, n_cols, log, backward)
             x = encode(softmax_rows(n_rows, n_cols, dtype, specials[k % len(specials)]), dtype)
             k += 1
-            label = f"{dtype} {shape} C={n_cols} {'aligned' if aligned else 'unaligned'} ({specials[(k - 1) % len(specials)]})"
+            items = f", {cuda_sim.softmax_items(dtype)} chunks a thread" if shape != "online" else ""
+            label = f"{dtype} {shape} C={n_cols}{items} {'aligned' if aligned else 'unaligned'} ({specials[(k - 1) % len(specials)]})"
             if dtype == "float32" and shape == "block" and aligned:
                 x = misaligned(x)  # whole chunks, but the base is not 16-byte aligned: element path
                 label += " misaligned base"

@@ -455,6 +455,7 @@ def _numba_gpu() -> bool:
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
 def test_gpu_logsumexp_kernel_on_numba_device_arrays(dtype):
     # no CuPy needed: the kernel itself on the GPU, long rows and the special values
+    from fastsoftmax.kernels import cuda as kernels
     from numba import cuda
 
     rows = np.concatenate([RNG.standard_normal((500, 32000)) * 3, np.full((1, 32000), -np.inf), np.empty((1, 32000))])
@@ -462,7 +463,8 @@ def test_gpu_logsumexp_kernel_on_numba_device_arrays(dtype):
     rows[0, 5], rows[1, 7], rows[2, 9], rows[3, :] = np.inf, np.nan, -np.inf, np.inf
     host = rows.astype(dtype)
     out = cuda.device_array(host.shape[0], dtype=np.float64)
-    cuda_lse.compiled(dtype, 256)[min(host.shape[0], 65535), 256](cuda.to_device(host), out)
+    kernel = kernels.get("logsumexp", dtype)  # as fastsoftmax.array launches it: launch bounds, cuda_lse.THREADS threads
+    kernel[min(host.shape[0], 65535), cuda_lse.THREADS](cuda.to_device(host), out)
     got = out.copy_to_host()
     ref = sp.logsumexp(host.astype(np.float64), axis=1)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))

@@ -30,8 +30,9 @@ COLUMNS = [
     1000,  # warp per row (float32, bfloat16), block (float64)
     1025,  # just past a warp's registers: block per row, unaligned
     4096,  # block per row, whole chunks
+    24576,  # half-precision softmax backward between 16k and 32k columns: block per row
     24577,  # log-softmax float32 past its registers: online
-    32768,  # block per row at the registers' limit (float32 / half forward)
+    32768,  # block per row at the registers' limit (float32 forward, half forward and backward)
     32769,  # online, unaligned
     262144,  # the longest rows the issue names
 ]
@@ -230,7 +231,13 @@ def test_cuda_torch_compile_fullgraph():
 
 
 def test_cuda_cross_entropy_peak_memory_is_the_gradient():
-    """Forward + backward allocate the gradient (1x the logits) and O(rows) more, nothing else of N x C."""
+    """Forward + backward allocate the gradient (1x the logits) and O(rows) more, nothing else of N x C.
+
+    This is the issue's peak-memory goal (at most 1.1x the logits), which
+    counts what the call adds to the memory allocated before it, the logits
+    already there (``gpu_check.CE_PEAK_ADDED``); the old design added 2x
+    (the forward's gradient and the backward's buffer), 3x with the logits.
+    """
     x = _cuda(randn(4096, 32000, dtype=torch.bfloat16)).requires_grad_()
     t = _cuda(torch.randint(0, 32000, (4096,)))
     fastsoftmax.cross_entropy(x, t).backward()  # compile and warm the allocator
@@ -240,8 +247,8 @@ def test_cuda_cross_entropy_peak_memory_is_the_gradient():
     base = torch.cuda.memory_allocated()
     fastsoftmax.cross_entropy(x, t).backward()
     torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base
-    assert extra <= 1.1 * x.numel() * x.element_size(), extra / (x.numel() * x.element_size())
+    added = torch.cuda.max_memory_allocated() - base  # beyond the logits and targets, allocated before the call
+    assert added <= 1.1 * x.numel() * x.element_size(), added / (x.numel() * x.element_size())
 
 
 def test_cuda_offline_resources_match_the_driver():

@@ -13,8 +13,11 @@ in numba-cuda's simulator). The gates, per kernel and architecture:
   (:func:`fastsoftmax.kernels.cuda.register_budget`: 128, or 64 for the
   1024-thread kernels), the bounds declared in its PTX;
 * no float64 instruction unless it is a float64 kernel (opcodes of the
-  post-LTO PTX, sm_90a);
-* 128-bit loads (and stores, where it writes rows) in every row kernel;
+  post-LTO PTX, sm_90a), except in the array API's log-sum-exp, whose
+  result is float64: there, only the instructions of that result
+  (:data:`LSE_RESULT_F64`);
+* 128-bit loads (and stores, where it writes rows) in every row kernel
+  but the log-sum-exp, which reads one element per thread (:data:`SCALAR_ROWS`);
 * a name that says op, dtype and launch shape.
 
 ``cuda_gate_controls.py`` holds one kernel built to fail each gate; they are
@@ -29,6 +32,7 @@ folder.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,13 +51,36 @@ except ImportError:  # pragma: no cover - numba-cuda missing
 
 pytestmark = pytest.mark.skipif(kernels is None, reason="numba-cuda is not installed")
 
-KERNELS = {kernels.spec(family, *args)[0]: (family, args) for family, args in kernels.all_kernels()} if kernels else {}
+KERNELS = {kernels.spec(family, *args)[0]: (family, args) for family, args in kernels.all_kernels() + kernels.array_kernels()} if kernels else {}
 SHARDS = 2
 
 #: Families whose kernels read rows (128-bit loads expected) and write rows (128-bit stores expected).
 READS_ROWS = {"softmax_fwd", "softmax_bwd", "ce_fwd", "ce_bwd", "ce_prob_fwd", "ce_prob_bwd"}
 WRITES_ROWS = {"softmax_fwd", "softmax_bwd", "ce_bwd", "ce_prob_bwd"}
-MODULES = {"softmax_fwd": "cuda_softmax", "softmax_bwd": "cuda_softmax", "ce_finish": "cuda_ce_finish", "ce_check_targets": "cuda_ce_finish"}
+#: Families whose kernels read their rows one element per thread, consecutive threads on consecutive
+#: elements (coalesced, whatever the alignment), and write no rows: the array API's log-sum-exp. The
+#: 128-bit load and store gates do not apply to them.
+SCALAR_ROWS = {"logsumexp"}
+MODULES = {
+    "softmax_fwd": "cuda_softmax", "softmax_bwd": "cuda_softmax", "ce_finish": "cuda_ce_finish", "ce_check_targets": "cuda_ce_finish",
+    "logsumexp": "cuda_lse",
+}
+
+#: The float64 instructions a float32 or float16 log-sum-exp kernel may hold: its output is float64
+#: (SciPy's result dtype, which a float32 log would round), so the block's max ``m`` and sum ``s``
+#: are widened once each (exactly two ``cvt.f64.f32``), ``m + log(s)`` runs in float64 (libdevice's
+#: log: these arithmetic, move and select opcodes), and the result is stored (``st.global.f64``).
+#: Nothing else: a float64 load, compare, shared-memory access or other conversion, or a third
+#: widening, would mean the per-element fold ran in float64 (a ``-math.inf`` constant, say).
+LSE_WIDENED = {"cvt.f64.f32": 2}
+LSE_RESULT_F64 = frozenset({"add.f64", "sub.f64", "mul.f64", "fma.rn.f64", "neg.f64", "rcp.approx.ftz.f64", "mov.f64", "selp.f64", "st.global.f64"})
+
+
+def lse_f64_beyond_its_result(f64: dict) -> dict:
+    """The float64 opcodes (with counts) of a non-float64 log-sum-exp kernel that its float64 result does not explain."""
+    out = {op: n for op, n in f64.items() if op not in LSE_WIDENED and op not in LSE_RESULT_F64}
+    out.update({op: f64.get(op, 0) for op, n in LSE_WIDENED.items() if f64.get(op, 0) != n})
+    return out
 
 
 class Background:
@@ -130,7 +157,9 @@ def background(request, tmp_path_factory):
 
 def test_simulator_runs_every_kernel_and_the_torch_side(background):
     """Every launch shape, aligned and unaligned rows, every dtype (bfloat16 too), the shuffle reductions
-    with real 32-lane warps, two warps a block and partial last blocks; then the CUDA design's torch side."""
+    with real 32-lane warps, two warps a block and partial last blocks, one and two chunks a thread
+    (float32 and bfloat16 warp and block kernels, forward and backward, with a partial last chunk);
+    then the CUDA design's torch side."""
     code, out = background.simulator()
     assert code == 0, out[-6000:]
     assert "all simulator checks passed" in out
@@ -149,12 +178,15 @@ def test_kernel_passes_the_gates(background, name):
     ptx = r["ptx"]
     assert ptx["declared_bounds"] == list(kernels.launch_bounds(r["max_threads"]))
     assert not ptx["local"], ptx["local"][:5]
-    if "float64" not in args:
+    if family == "logsumexp" and "float64" not in args:
+        assert not lse_f64_beyond_its_result(ptx["f64"]), f"float64 beyond the result in a {args[0]} kernel: {ptx['f64']}"
+    elif "float64" not in args:
         assert not ptx["f64"], f"float64 instructions in a {args[0]} kernel: {ptx['f64']}"
-    loads = {op for op, kind, bits in ptx["vector"] if kind == "ld" and bits == 128}
-    stores = {op for op, kind, bits in ptx["vector"] if kind == "st" and bits == 128}
-    assert bool(loads) == (family in READS_ROWS), ptx["vector"]
-    assert bool(stores) == (family in WRITES_ROWS), ptx["vector"]
+    if family not in SCALAR_ROWS:
+        loads = {op for op, kind, bits in ptx["vector"] if kind == "ld" and bits == 128}
+        stores = {op for op, kind, bits in ptx["vector"] if kind == "st" and bits == 128}
+        assert bool(loads) == (family in READS_ROWS), ptx["vector"]
+        assert bool(stores) == (family in WRITES_ROWS), ptx["vector"]
     module = MODULES.get(family, "cuda_cross_entropy")
     assert r["readable"] == f"fastsoftmax.kernels.{module}.{name}"  # the entry point a profiler shows
     assert name.startswith(_op_and_dtype(family, args))
@@ -175,6 +207,7 @@ def test_the_controls_fail_their_gates(background):
     report = background.report()
     promoted = report["control_promoted_to_float64"]["ptx"]["f64"]
     assert "fma.rn.f64" in promoted and "cvt.f64.f32" in promoted
+    assert lse_f64_beyond_its_result(promoted)  # a fold in float64 is not excused as the log-sum-exp's result
     assert report["control_local_array"]["ptx"]["local"]
     assert not [v for v in report["control_scalar_loads"]["ptx"]["vector"] if v[2] == 128]
     for arch in ("sm_90a", "sm_80"):
@@ -196,3 +229,16 @@ def test_every_planned_kernel_is_gated():
             shape = kernels.ce_plan(n_cols, dtype)[0]
             for family in ("ce_fwd", "ce_bwd", "ce_prob_fwd", "ce_prob_bwd"):
                 assert (family, (dtype, shape)) in wanted
+
+
+def test_the_readme_table_of_rows_on_chip_is_what_the_plans_do():
+    """Each limit of the README's table is the longest row the plans keep on chip: a block kernel there, the online kernel one column past it."""
+    text = (HERE.parent / "README.md").read_text()
+    rows = re.findall(r"^\| (log-softmax|softmax) (forward|backward): [^|]*\| (\d+) \| (\d+) \| (\d+) \|$", text, re.M)
+    assert len(rows) == 4, rows
+    for op, direction, *limits in rows:
+        log, backward = op == "log-softmax", direction == "backward"
+        for dtypes, limit in zip((("float32",), ("float64",), ("float16", "bfloat16")), map(int, limits)):
+            for dtype in dtypes:
+                assert kernels.softmax_plan(limit, dtype, log, backward)[0] == "block", (op, direction, dtype, limit)
+                assert kernels.softmax_plan(limit + 1, dtype, log, backward)[0] == "online", (op, direction, dtype, limit)

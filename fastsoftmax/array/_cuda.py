@@ -51,6 +51,7 @@ class CUDADevice:
             from numba import cuda
 
             from ..backends import cuda as backend
+            from ..kernels import cuda as kernels
             from ..kernels import cuda_lse
 
             def view(a):
@@ -61,7 +62,7 @@ class CUDADevice:
                 return cuda.external_stream(handle) if handle else 0
 
             def lse_kernel(dtype: str):
-                return cuda_lse.compiled(dtype, cuda_lse.THREADS)
+                return kernels.get("logsumexp", dtype)  # built for cuda_lse.THREADS threads
 
             cls._default = cls(cupy, backend, view, stream, lse_kernel, cuda_lse.THREADS)
         return cls._default
