@@ -11,6 +11,8 @@ which at this size cost more than the kernel itself. Larger inputs take the
 parallel middle-axis kernels on copies made by the host.
 """
 
+import math
+
 import numpy as np
 from numba import from_dtype, njit, types
 
@@ -20,8 +22,10 @@ from .cpu_middle import (
     softmax_backward_middle,
     softmax_forward_middle,
 )
-from .cpu_rows import check_targets
-from .jit import OPTIONS, inline, renamed
+from .cpu_rows import ce_index_grad_coeffs, ce_index_loss, check_targets
+from .exp import vexp_nonpos
+from .intrinsics import maxnum
+from .jit import OPTIONS, cast_like, inline, renamed
 
 _forward_middle = softmax_forward_middle[False]
 _backward_middle = softmax_backward_middle[False]
@@ -111,7 +115,7 @@ def _total(a):
     sums, and the block sums pairwise: an error bound of about
     ``(16 + log2(n / 128)) * eps`` relative to the sum of magnitudes, where
     one running sum has ``n * eps``. Every CPU path reduces its per-element
-    losses with this function (:func:`_cross_entropy_small_reduced` inside
+    losses with this function (:func:`_cross_entropy_book` inside
     its kernel call, the others through :func:`fastsoftmax.backends.cpu.total`),
     so a loss has the same bits whichever path computed it.
     """
@@ -135,17 +139,98 @@ def _total(a):
     return sums[0]
 
 
-def _cross_entropy_small_reduced(x, target, ignore_index, eps, mean, grad):
-    """:func:`_cross_entropy_small` with the loss reduced in the same call: ``(first bad target or -1, loss)``.
+def _cross_entropy_book(x, target, ignore_index, eps, mean, grad):
+    """The book's cross-entropy in one call: ``(first bad target or -1, loss)``, the gradient into ``grad``.
 
-    The loss is the sum of the per-row losses (:func:`_total`), divided for a
-    ``mean`` by the total kept weight (NaN when it is 0, as torch's 0/0).
-    Nothing is computed when a target is bad.
+    Rows ``x`` (R, C) of at most 16 classes, no class weight: checks the
+    targets, then computes the per-row losses and, when ``grad`` has rows,
+    the gradient scaled for the reduction (``1 / total kept`` for a
+    ``mean``, NaN when that is 0, as torch's 0/0), and returns the loss
+    summed (:func:`_total`) and, for a ``mean``, divided. The same per-element arithmetic, in the same order and dtypes, as
+    :func:`.cpu_middle._cross_entropy_index_middle` with no class weight,
+    no log-sum-exp and no z-loss, on one block of all R positions (so the
+    same bits as every other path), without the general kernel's branches,
+    work queue and scratch layout: the compiled code is a fraction of the
+    size, which is what counts with caches as cold as a training step
+    leaves them. Targets checked first, as :func:`.cpu_rows.check_targets`
+    does; the loss reduced by :func:`_total`.
     """
-    loss = np.empty(x.shape[0])
-    bad, denom = cross_entropy_small(x, target, ignore_index, eps, mean, loss, grad)
-    if bad >= 0:
-        return bad, 0.0
+    n_rows, n_classes = x.shape
+    denom = 0.0
+    for i in range(n_rows):  # sequential, as check_targets
+        t = target[i]
+        if t == ignore_index:
+            continue
+        if t < 0 or t >= n_classes:
+            return i, 0.0
+        denom += 1.0
+    scale = 1.0
+    if mean:
+        scale = 1.0 / denom if denom else np.nan
+    want_grad = grad.shape[0] > 0
+    w_sum = float(n_classes)
+    one = cast_like(1.0, x)
+    # x-dtype rows: the logits and the exponentials transposed (C, R each), then m, part, k_exp, k_w, k_hot, x_t
+    work = np.empty((2 * n_classes + 6, n_rows), x.dtype)
+    xt, gt = work[:n_classes], work[n_classes : 2 * n_classes]
+    m, part, k_exp = work[2 * n_classes], work[2 * n_classes + 1], work[2 * n_classes + 2]
+    k_w, k_hot, x_t = work[2 * n_classes + 3], work[2 * n_classes + 4], work[2 * n_classes + 5]
+    sums = np.empty((3, n_rows))  # float64: s, sum_c (m - x_c), the per-row losses
+    s, sum_wd, loss = sums[0], sums[1], sums[2]
+    for i in range(n_rows):
+        for c in range(n_classes):
+            xt[c, i] = x[i, c]
+    for i in range(n_rows):
+        m[i] = xt[0, i]
+    for c in range(1, n_classes):
+        for i in range(n_rows):
+            m[i] = maxnum(m[i], xt[c, i])
+    sum_wd[:] = 0.0
+    if eps > 0.0:
+        for c in range(n_classes):
+            for i in range(n_rows):
+                sum_wd[i] += 1.0 * (np.float64(m[i]) - np.float64(xt[c, i]))
+    for i in range(n_rows):
+        t = target[i]
+        x_t[i] = xt[0 if t == ignore_index else t, i]
+    # C <= 16: one block of partial sums (cpu_middle._MIDDLE_BLOCK), added to a float64 0
+    s[:] = 0.0
+    part[:] = 0
+    for c in range(n_classes):
+        for i in range(n_rows):
+            e = vexp_nonpos(xt[c, i] - m[i])
+            gt[c, i] = e
+            part[i] += e
+    for i in range(n_rows):
+        s[i] += part[i]
+    for i in range(n_rows):
+        t = target[i]
+        log_s = math.log(s[i])
+        if t == ignore_index:
+            loss[i] = 0.0
+            k_exp[i] = 0
+            k_w[i] = 0
+            continue
+        loss[i] = ce_index_loss(m[i], log_s, x_t[i], 1.0, sum_wd[i], w_sum, eps, n_classes)
+        ke, kw, kh = ce_index_grad_coeffs(s[i], 1.0, w_sum, eps, n_classes, scale)
+        k_exp[i] = cast_like(ke, k_exp)
+        k_w[i] = cast_like(kw, k_w)
+        k_hot[i] = cast_like(kh, k_hot)
+    if want_grad:
+        for c in range(n_classes):
+            for i in range(n_rows):
+                gt[c, i] = gt[c, i] * k_exp[i] - k_w[i] * one
+        for i in range(n_rows):
+            t = target[i]
+            if t == ignore_index:
+                fill = math.nan if s[i] != s[i] else 0.0
+                for c in range(n_classes):
+                    gt[c, i] = fill
+            else:
+                gt[t, i] -= k_hot[i]
+        for i in range(n_rows):
+            for c in range(n_classes):
+                grad[i, c] = gt[c, i]
     value = total(loss)
     if mean:
         value = value / denom if denom else np.nan
@@ -156,7 +241,7 @@ softmax_forward_small = njit(**OPTIONS)(renamed(_softmax_forward_small, "_serial
 softmax_backward_small = njit(**OPTIONS)(renamed(_softmax_backward_small, "_serial"))
 cross_entropy_small = njit(**OPTIONS)(renamed(_cross_entropy_small, "_serial"))
 total = njit(**OPTIONS)(renamed(_total, "_serial"))
-cross_entropy_small_reduced = njit(**OPTIONS)(renamed(_cross_entropy_small_reduced, "_serial"))
+cross_entropy_book = njit(**OPTIONS)(renamed(_cross_entropy_book, "_serial"))
 
 
 class _Entries(dict):
@@ -188,8 +273,8 @@ def _c_rows(f):
 SOFTMAX_FORWARD = _Entries(softmax_forward_small, lambda f: (_c_rows(f), _c_rows(f), types.boolean))
 #: ``[dtype](y, dy, dx, log)``: y, dx C-contiguous (R, C), dy (R, C) of any strides
 SOFTMAX_BACKWARD = _Entries(softmax_backward_small, lambda f: (_c_rows(f), types.Array(f, 2, "A"), _c_rows(f), types.boolean))
-#: ``[dtype](x, target, ignore_index, eps, mean, grad)``: x, grad C-contiguous (R, C), target contiguous int64 (R,)
+#: ``[dtype](x, target, ignore_index, eps, mean, grad)`` of :func:`cross_entropy_book`: x, grad C-contiguous (R, C), target contiguous int64 (R,)
 CROSS_ENTROPY_REDUCED = _Entries(
-    cross_entropy_small_reduced,
+    cross_entropy_book,
     lambda f: (_c_rows(f), types.Array(types.int64, 1, "C"), types.int64, types.float64, types.boolean, _c_rows(f)),
 )

@@ -195,3 +195,33 @@ def test_loss_total_is_accurate_where_a_running_sum_is_not(n):
     if n >= 1000:
         assert abs(running - exact) > 10 * bound  # the test tells the two apart
     assert cpu.total(a.reshape(-1, 1)) == got  # any shape: the elements in order
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 2), (256, 10), (999, 16)])
+def test_book_kernel_is_the_same_bits_as_the_general_kernel(dtype, shape):
+    """kernels.cpu_small.cross_entropy_book against the general middle-axis kernel (cross_entropy_small) and
+    _total: the same losses, gradient and reduced loss, bit for bit, with ignored targets, label smoothing,
+    NaN and infinities, for a mean and a sum; and the same first bad target."""
+    from fastsoftmax.kernels import cpu_small
+
+    rng = np.random.default_rng(shape[0])
+    n, c = shape
+    for eps, scale, special in ((0.0, 3.0, None), (0.1, 30.0, None), (0.3, 1e4, None), (0.0, 3.0, np.nan), (0.2, 3.0, np.inf), (0.0, 3.0, -np.inf)):
+        x = (rng.standard_normal(shape) * scale).astype(dtype)
+        if special is not None:
+            x[rng.integers(0, n), rng.integers(0, c)] = special
+        t = rng.integers(0, c, n)
+        t[::3] = -100
+        for mean in (True, False):
+            g_book, g_ref, loss = np.empty_like(x), np.empty_like(x), np.empty(n)
+            bad, value = cpu_small.cross_entropy_book(x, t, -100, eps, mean, g_book)
+            bad_ref, denom = cpu_small.cross_entropy_small(x, t, -100, eps, mean, loss, g_ref)
+            ref = cpu_small.total(loss)
+            if mean:
+                ref = ref / denom if denom else np.nan
+            assert bad == bad_ref == -1
+            assert np.array(value).tobytes() == np.array(ref).tobytes(), (eps, special, mean)
+            assert g_book.tobytes() == g_ref.tobytes(), (eps, special, mean)
+    t[n // 2] = c  # a class index past C: reported, nothing read
+    assert cpu_small.cross_entropy_book(x, t, -100, 0.0, True, np.empty((0, c), dtype))[0] == n // 2
