@@ -9,6 +9,14 @@ wrappers make the transposed copies inside one serial compiled call and
 write the results back in rows: no tensor operations around the kernel,
 which at this size cost more than the kernel itself. Larger inputs take the
 parallel middle-axis kernels on copies made by the host.
+
+The softmax kernels and the book's cross-entropy (:func:`_cross_entropy_book`:
+no class weight, a reduced loss) write the middle-axis kernels' arithmetic
+out for one block of all positions, in the same order and dtypes, without
+their work queue, scratch layout and unused branches: the same bits from
+half the compiled code, which is what counts when a training step has left
+the caches cold. :func:`_cross_entropy_small` (weights aside, the other
+options) calls the general kernel.
 """
 
 import math
@@ -18,17 +26,14 @@ from numba import from_dtype, njit, types
 
 from .cpu_common import STEP, WORKERS
 from .cpu_middle import (
+    _store_shifted_middle,
     cross_entropy_index_middle,
-    softmax_backward_middle,
-    softmax_forward_middle,
 )
 from .cpu_rows import ce_index_grad_coeffs, ce_index_loss, check_targets
 from .exp import vexp_nonpos
 from .intrinsics import maxnum
 from .jit import OPTIONS, cast_like, inline, renamed
 
-_forward_middle = softmax_forward_middle[False]
-_backward_middle = softmax_backward_middle[False]
 _cross_entropy_middle = cross_entropy_index_middle[False]
 
 
@@ -59,20 +64,6 @@ def _rows(t, out):
     for i in range(out.shape[0]):
         for c in range(out.shape[1]):
             out[i, c] = t[0, c, i]
-
-
-def _softmax_forward_small(x, y, log):
-    """``y = softmax(x)`` (or ``log_softmax``) over the rows of ``(R, C)`` arrays, through the middle-axis kernel."""
-    yt = np.empty((1, x.shape[1], x.shape[0]), y.dtype)
-    _forward_middle(_columns(x), yt, *_work(x, 2), log)
-    _rows(yt, y)
-
-
-def _softmax_backward_small(y, dy, dx, log):
-    """The gradient of :func:`_softmax_forward_small` from its output ``y``, rows ``(R, C)``."""
-    dxt = np.empty((1, y.shape[1], y.shape[0]), dx.dtype)
-    _backward_middle(_columns(y), _columns(dy), dxt, *_work(y, 2), log)
-    _rows(dxt, dx)
 
 
 def _cross_entropy_small(x, target, ignore_index, eps, mean, loss, grad):
@@ -235,6 +226,85 @@ def _cross_entropy_book(x, target, ignore_index, eps, mean, grad):
     if mean:
         value = value / denom if denom else np.nan
     return -1, value
+
+
+def _softmax_forward_small(x, y, log):
+    """``y = softmax(x)`` (or ``log_softmax``) over the rows of ``(R, C)`` arrays in one serial call.
+
+    The per-element arithmetic of :func:`.cpu_middle._softmax_forward_middle`
+    on one block of all R positions, in the same order and dtypes (so the
+    same bits), without its work queue and scratch layout.
+    """
+    n_rows, n_classes = x.shape
+    work = np.empty((2 * n_classes + 2, n_rows), x.dtype)
+    xt, yt = work[:n_classes], work[n_classes : 2 * n_classes]
+    m, k = work[2 * n_classes], work[2 * n_classes + 1]
+    total = np.zeros(n_rows)
+    for i in range(n_rows):
+        for c in range(n_classes):
+            xt[c, i] = x[i, c]
+    for i in range(n_rows):
+        m[i] = xt[0, i]
+    for c in range(1, n_classes):
+        for i in range(n_rows):
+            m[i] = maxnum(m[i], xt[c, i])
+    # C <= 16: one block of partial sums (cpu_middle._MIDDLE_BLOCK), added to a float64 0
+    k[:] = 0
+    for c in range(n_classes):
+        for i in range(n_rows):
+            e = vexp_nonpos(xt[c, i] - m[i])
+            if not log:
+                yt[c, i] = e
+            k[i] += e
+    for i in range(n_rows):
+        total[i] += k[i]
+    if log:
+        for i in range(n_rows):
+            k[i] = cast_like(math.log(total[i]), k)
+        for c in range(n_classes):
+            _store_shifted_middle(xt[c], yt[c], m, k)
+    else:
+        for i in range(n_rows):
+            k[i] = cast_like(1.0 / total[i], k)
+        for c in range(n_classes):
+            for i in range(n_rows):
+                yt[c, i] *= k[i]
+    for i in range(n_rows):
+        for c in range(n_classes):
+            y[i, c] = yt[c, i]
+
+
+def _softmax_backward_small(y, dy, dx, log):
+    """The gradient of :func:`_softmax_forward_small` from its output ``y``, rows ``(R, C)``.
+
+    The per-element arithmetic of :func:`.cpu_middle._softmax_backward_middle`, as the forward.
+    """
+    n_rows, n_classes = y.shape
+    work = np.empty((3 * n_classes + 1, n_rows), y.dtype)
+    yt, dyt, dxt = work[:n_classes], work[n_classes : 2 * n_classes], work[2 * n_classes : 3 * n_classes]
+    d = work[3 * n_classes]
+    total = np.zeros(n_rows)
+    for i in range(n_rows):
+        for c in range(n_classes):
+            yt[c, i] = y[i, c]
+            dyt[c, i] = dy[i, c]
+    for c in range(n_classes):
+        for i in range(n_rows):
+            if log:
+                total[i] += np.float64(dyt[c, i])
+            else:
+                total[i] += np.float64(dyt[c, i]) * np.float64(yt[c, i])
+    for i in range(n_rows):
+        d[i] = cast_like(total[i], d)
+    for c in range(n_classes):
+        for i in range(n_rows):
+            if log:
+                dxt[c, i] = dyt[c, i] - vexp_nonpos(yt[c, i]) * d[i]
+            else:
+                dxt[c, i] = yt[c, i] * (dyt[c, i] - d[i])
+    for i in range(n_rows):
+        for c in range(n_classes):
+            dx[i, c] = dxt[c, i]
 
 
 softmax_forward_small = njit(**OPTIONS)(renamed(_softmax_forward_small, "_serial"))

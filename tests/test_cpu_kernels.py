@@ -225,3 +225,30 @@ def test_book_kernel_is_the_same_bits_as_the_general_kernel(dtype, shape):
             assert g_book.tobytes() == g_ref.tobytes(), (eps, special, mean)
     t[n // 2] = c  # a class index past C: reported, nothing read
     assert cpu_small.cross_entropy_book(x, t, -100, 0.0, True, np.empty((0, c), dtype))[0] == n // 2
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 2), (256, 10), (999, 16)])
+@pytest.mark.parametrize("log", [False, True])
+def test_small_softmax_kernels_are_the_same_bits_as_the_middle_axis_kernels(dtype, shape, log):
+    """kernels.cpu_small's softmax forward and backward (written out) against the general middle-axis kernels
+    on the transposed rows, bit for bit, with NaN and infinities and an expanded (stride 0) gradient."""
+    from fastsoftmax.backends import cpu
+    from fastsoftmax.kernels import cpu_small
+
+    rng = np.random.default_rng(shape[0] + 7)
+    n, c = shape
+    for scale, special in ((3.0, None), (1e4, None), (3.0, np.nan), (3.0, np.inf), (3.0, -np.inf)):
+        x = (rng.standard_normal(shape) * scale).astype(dtype)
+        if special is not None:
+            x[rng.integers(0, n), rng.integers(0, c)] = special
+        y, y_ref = np.empty_like(x), np.empty((1, c, n), dtype)
+        cpu_small.softmax_forward_small(x, y, log)
+        cpu.softmax_forward_middle(np.ascontiguousarray(x.T).reshape(1, c, n), y_ref, log)
+        assert y.tobytes() == np.ascontiguousarray(y_ref[0].T).tobytes()
+        for dy in (rng.standard_normal(shape).astype(dtype), np.broadcast_to(dtype(0.5), shape)):
+            dx, dx_ref = np.empty_like(x), np.empty((1, c, n), dtype)
+            cpu_small.softmax_backward_small(y, dy, dx, log)
+            cols = [np.ascontiguousarray(a.T).reshape(1, c, n) for a in (y, dy)]
+            cpu.softmax_backward_middle(*cols, dx_ref, log)
+            assert dx.tobytes() == np.ascontiguousarray(dx_ref[0].T).tobytes()
