@@ -233,8 +233,9 @@ def test_book_kernel_is_the_same_bits_as_the_general_kernel(dtype, shape):
 def test_small_softmax_kernels_are_the_same_bits_as_the_middle_axis_kernels(dtype, shape, log):
     """kernels.cpu_small's softmax forward and backward (written out) against the general middle-axis kernels
     on the transposed rows, bit for bit, with NaN and infinities and an expanded (stride 0) gradient."""
-    from fastsoftmax.backends import cpu
     from fastsoftmax.kernels import cpu_small
+
+    from fastsoftmax.backends import cpu
 
     rng = np.random.default_rng(shape[0] + 7)
     n, c = shape
