@@ -95,6 +95,20 @@ def _cross_entropy_small(x, target, ignore_index, eps, mean, loss, grad):
     return -1, denom
 
 
+@inline
+def _transpose_max(x, xt, m):
+    """``xt`` (C, R) the transpose of the rows ``x`` (R, C), and ``m`` (R,) each row's max (NaN skipped), as the middle-axis kernels take it."""
+    n_rows, n_classes = x.shape
+    for i in range(n_rows):
+        for c in range(n_classes):
+            xt[c, i] = x[i, c]
+    for i in range(n_rows):
+        m[i] = xt[0, i]
+    for c in range(1, n_classes):
+        for i in range(n_rows):
+            m[i] = maxnum(m[i], xt[c, i])
+
+
 #: losses summed per block of this many, in 8 interleaved partial sums
 _SUM_BLOCK = 128
 
@@ -168,14 +182,7 @@ def _cross_entropy_book(x, target, ignore_index, eps, mean, grad):
     k_w, k_hot, x_t = work[2 * n_classes + 3], work[2 * n_classes + 4], work[2 * n_classes + 5]
     sums = np.empty((3, n_rows))  # float64: s, sum_c (m - x_c), the per-row losses
     s, sum_wd, loss = sums[0], sums[1], sums[2]
-    for i in range(n_rows):
-        for c in range(n_classes):
-            xt[c, i] = x[i, c]
-    for i in range(n_rows):
-        m[i] = xt[0, i]
-    for c in range(1, n_classes):
-        for i in range(n_rows):
-            m[i] = maxnum(m[i], xt[c, i])
+    _transpose_max(x, xt, m)
     sum_wd[:] = 0.0
     if eps > 0.0:
         for c in range(n_classes):
@@ -240,14 +247,7 @@ def _softmax_forward_small(x, y, log):
     xt, yt = work[:n_classes], work[n_classes : 2 * n_classes]
     m, k = work[2 * n_classes], work[2 * n_classes + 1]
     total = np.zeros(n_rows)
-    for i in range(n_rows):
-        for c in range(n_classes):
-            xt[c, i] = x[i, c]
-    for i in range(n_rows):
-        m[i] = xt[0, i]
-    for c in range(1, n_classes):
-        for i in range(n_rows):
-            m[i] = maxnum(m[i], xt[c, i])
+    _transpose_max(x, xt, m)
     # C <= 16: one block of partial sums (cpu_middle._MIDDLE_BLOCK), added to a float64 0
     k[:] = 0
     for c in range(n_classes):
