@@ -25,6 +25,7 @@ from . import validation
 from .kernels import config
 from .ops import cross_entropy as ce_op
 from .ops import cross_entropy_cpu as ce_cpu
+from .ops import direct
 from .ops import softmax as softmax_op
 
 __all__ = ["softmax", "log_softmax", "softmin", "cross_entropy", "CrossEntropyOutput", "linear_cross_entropy"]
@@ -36,6 +37,7 @@ _PLAIN_DTYPES = (torch.float32, torch.float64)
 _PLAIN_REDUCTIONS = frozenset(validation.REDUCTIONS)
 _F32, _F64, _I64 = (np.dtype(t) for t in (np.float32, np.float64, np.int64))
 _is_compiling = torch.compiler.is_compiling
+_transforms_active = direct.transforms_active
 
 
 def _plain_softmax(input, dim, dtype) -> bool:
@@ -84,7 +86,7 @@ def _softmax(input, dim, stacklevel, dtype, log: bool, name: str):
             if input.requires_grad and torch.is_grad_enabled():
                 return softmax_op.book_apply(input, rows, log)
             return softmax_op.forward_book(rows, log)[0]
-    if _plain_softmax(input, dim, dtype) and not _is_compiling():
+    if _plain_softmax(input, dim, dtype) and not _is_compiling() and not _transforms_active():
         dim %= input.ndim
         if input.requires_grad and torch.is_grad_enabled():
             return (softmax_op.LogSoftmaxCore if log else softmax_op.SoftmaxCore).apply(input, dim)
@@ -103,6 +105,10 @@ def _softmax(input, dim, stacklevel, dtype, log: bool, name: str):
             return torch.empty(input.shape, dtype=input.dtype, device=input.device)  # torch returns it too
         kernel = _KERNEL_NAMES[log] + ("_lastdim_kernel_impl" if dim == input.ndim - 1 or input.ndim <= 1 else "_kernel_impl")
         validation.check_float_input(input, kernel)
+    if _transforms_active():
+        # torch.func transforms (vmap, grad, ...): their wrapped tensors hold no storage for our kernels to
+        # read, and they need ops with batching rules and derivatives: torch's own
+        return (torch.log_softmax if log else torch.softmax)(input, dim)
     if input.device.type == "meta" or torch.compiler.is_compiling():
         return (softmax_op.log_softmax_op if log else softmax_op.softmax_op)(input, dim)
     if not (input.requires_grad and torch.is_grad_enabled()):
@@ -232,7 +238,7 @@ def cross_entropy(
             if input.requires_grad and torch.is_grad_enabled():
                 return ce_op.plain_apply(input, target, book)
             return ce_cpu.forward_reduced(book, False)[0]
-        if not compiling and _plain_cross_entropy(input, target, ignore_index, reduction, label_smoothing):
+        if not compiling and _plain_cross_entropy(input, target, ignore_index, reduction, label_smoothing) and not _transforms_active():
             if input.requires_grad and torch.is_grad_enabled():
                 return ce_op.CrossEntropyCore.apply(input, target, None, ignore_index, reduction, label_smoothing)
             return ce_op.forward(input, target, None, ignore_index, reduction, label_smoothing, False)[0]
@@ -256,7 +262,9 @@ def cross_entropy(
     want_lse = return_lse
     extras = return_lse or return_z_loss
     composite = grad_mode and (target.requires_grad or (weight is not None and weight.requires_grad))
-    if composite or input.device.type == "meta" or torch.compiler.is_compiling():
+    if _transforms_active():  # torch.func transforms: in torch's ops (see _softmax)
+        loss, lse = _cross_entropy_torch_ops(input, target, weight, ignore_index, reduction, eps, z, want_lse or return_z_loss, prob)
+    elif composite or input.device.type == "meta" or torch.compiler.is_compiling():
         loss, lse = _cross_entropy_op_path(input, target, weight, ignore_index, reduction, eps, z, want_lse or return_z_loss, composite)
     elif not (grad_mode and input.requires_grad):
         loss, _, lse = ce_op.forward(input, target, weight, ignore_index, reduction, eps, False, z, want_lse or return_z_loss)
@@ -358,6 +366,17 @@ def _cross_entropy_op_path(input, target, weight, ignore_index, reduction, eps, 
     compute_grad = input.requires_grad and torch.is_grad_enabled()
     loss, _, lse = ce_op.cross_entropy_op(input, target, weight, ignore_index, reduction, eps, z, compute_grad, want_lse)
     return loss, (lse if want_lse else None)
+
+
+def _cross_entropy_torch_ops(input, target, weight, ignore_index, reduction, eps, z, want_lse, prob):
+    """The loss in torch's own ops, for calls under torch.func transforms: ``(loss, lse or None)``."""
+    kw = dict(weight=weight, reduction=reduction, label_smoothing=eps)
+    if not prob:
+        kw["ignore_index"] = ignore_index
+    loss = torch.nn.functional.cross_entropy(input, target, **kw)
+    if z:
+        loss = loss + ce_op.z_term_graph(input, target, ignore_index, z, reduction)
+    return loss, (ce_op.lse_graph(input).detach() if want_lse else None)
 
 
 def _z_value(lse, target, ignore_index, prob, z, reduction, dtype):

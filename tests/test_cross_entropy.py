@@ -300,14 +300,12 @@ def test_book_call_errors_and_nan_as_torch():
     assert fastsoftmax.cross_entropy(x, ignored, reduction="sum").item() == 0.0
 
 
-def test_direct_apply_leaves_functorch_transforms_to_the_public_apply(monkeypatch):
-    """ops.direct: under torch.func transforms the public apply runs (and raises torch's error), as before."""
+def test_direct_apply_binds_the_backward_and_falls_back_without_internals(monkeypatch):
+    """ops.direct: the node calls backward straight away; without torch's internals, the public apply."""
     from fastsoftmax.ops import direct
     from fastsoftmax.ops.cross_entropy import PlainCrossEntropy
 
     x, t = _book_call(torch.float32, n=8)
-    with pytest.raises(RuntimeError, match="setup_context"):
-        torch.func.grad(lambda x: fastsoftmax.cross_entropy(x, t))(x)
     assert direct.direct_apply(PlainCrossEntropy, 2) is not PlainCrossEntropy.apply
     # the node calls backward straight away, also when called by hand
     assert PlainCrossEntropy._backward_cls.apply is PlainCrossEntropy.backward
@@ -318,6 +316,35 @@ def test_direct_apply_leaves_functorch_transforms_to_the_public_apply(monkeypatc
     assert_close(loss.grad_fn.apply(torch.tensor(2.0))[0], 2 * xr.grad)
     monkeypatch.setattr(direct, "_INTERNALS", None)  # a torch without the internals: the public apply itself
     assert direct.direct_apply(PlainCrossEntropy, 2) == PlainCrossEntropy.apply
+
+
+@pytest.mark.parametrize("shape", [(8, 10), (6, 1000), (4, 5, 3)], ids=str)
+def test_torch_func_transforms_give_torchs_results(shape):
+    """torch.func.grad, vmap (per-sample gradients) and jacrev over fastsoftmax's functions, as over torch's:
+    under transforms the calls are computed in torch's ops (wrapped tensors hold no storage for the kernels)."""
+    x = randn(*shape, dtype=torch.float64, seed=31)
+    t = _targets(shape, "ignore", seed=31)
+    q = _targets(shape, "prob", seed=32)
+    w = torch.rand(shape[1], dtype=torch.float64) + 0.5
+    for target, kw in ((t, dict(label_smoothing=0.1)), (q, dict(weight=w))):
+        grads = [torch.func.grad(lambda x, f=f: f(x, target, **kw))(x) for f in (fastsoftmax.cross_entropy, TF.cross_entropy)]
+        assert_close(grads[0], grads[1])
+    per_sample = [
+        torch.func.vmap(torch.func.grad(lambda xi, ti, f=f: f(xi.unsqueeze(0), ti.unsqueeze(0), reduction="sum")))(x, t)
+        for f in (fastsoftmax.cross_entropy, TF.cross_entropy)
+    ]
+    assert_close(per_sample[0], per_sample[1])
+    for ours, theirs in ((fastsoftmax.softmax, TF.softmax), (fastsoftmax.log_softmax, TF.log_softmax)):
+        assert_close(torch.func.vmap(lambda r: ours(r, -1))(x), torch.func.vmap(lambda r: theirs(r, -1))(x))
+        row = x.reshape(-1, shape[-1])[0]
+        assert_close(torch.func.jacrev(lambda r: ours(r, 0))(row), torch.func.jacrev(lambda r: theirs(r, 0))(row))
+    # a plain tensor that requires grad, used under a transform: the book's path falls back too
+    leaf = randn(8, 10, dtype=torch.float32, seed=33).requires_grad_()
+    tt = _targets((8, 10), "index", seed=33)
+    scale = torch.tensor(2.0)
+    got = torch.func.grad(lambda s: s * fastsoftmax.cross_entropy(leaf, tt))(scale)
+    assert_close(got, TF.cross_entropy(leaf, tt).detach())
+
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

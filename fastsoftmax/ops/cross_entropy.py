@@ -350,7 +350,13 @@ class PlainCrossEntropy(torch.autograd.Function):
         return grad, None, None
 
 
-plain_apply = direct_apply(PlainCrossEntropy, 2)
+def _plain_under_transforms(input, target, book):
+    """The book's call under functorch transforms: torch's own cross-entropy (wrapped tensors hold no storage to read)."""
+    _, _, ignore_index, reduction, label_smoothing = book
+    return torch.nn.functional.cross_entropy(input, target, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+
+
+plain_apply = direct_apply(PlainCrossEntropy, 2, _plain_under_transforms)
 
 
 class CrossEntropyFunction(CrossEntropyCore):

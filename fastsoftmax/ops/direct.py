@@ -4,7 +4,9 @@
 ``torch._C._FunctionBase.apply``. Before it calls the C half it binds
 default arguments (only for a Function that defines ``setup_context``),
 sends calls made under functorch transforms (``torch.func.vmap``, ``grad``,
-...) to ``custom_function_call``, and unwraps "dead" functorch wrappers
+...) to ``custom_function_call`` (where our Functions, which have no
+``setup_context``, raise; :mod:`fastsoftmax.functional` computes those
+calls in torch's ops instead), and unwraps "dead" functorch wrappers
 (tensors that escaped a finished transform). At the book's 256 x 10, with
 the caches as cold as a training step leaves them, that Python costs 9-13 us
 a call (``benchmarks/results/cpu-xeon-2core/NOTES.md``): as much as our
@@ -42,14 +44,18 @@ def _internals():
 _INTERNALS = _internals()
 
 
-def direct_apply(cls, n_tensors: int):
-    """``cls.apply``, for a Function whose first ``n_tensors`` arguments are its only tensors, minus the Python wrapper."""
+def direct_apply(cls, n_tensors: int, under_transforms=None):
+    """``cls.apply``, for a Function whose first ``n_tensors`` arguments are its only tensors, minus the Python wrapper.
+
+    ``under_transforms``: what to call instead, with the same arguments,
+    while functorch transforms are active (``cls.apply`` itself if None).
+    """
     if _INTERNALS is None or cls.setup_context is not torch.autograd.Function.setup_context:
         return cls.apply
     c_apply, transforms_active, unwrap = _INTERNALS
     c_apply = c_apply.__get__(None, cls)
     _direct_backward(cls)
-    public = cls.apply
+    public = under_transforms or cls.apply
     if n_tensors == 1:
 
         def apply(a, *rest):
@@ -84,3 +90,6 @@ def _direct_backward(cls) -> None:
     ):
         return
     node.apply = cls.backward  # a plain function on the node's class: called as backward(ctx, *grads)
+
+
+transforms_active = _INTERNALS[1] if _INTERNALS is not None else (lambda: False)

@@ -320,7 +320,12 @@ class BookSoftmax(torch.autograd.Function):
         return torch.from_numpy(dx), None, None
 
 
-book_apply = direct_apply(BookSoftmax, 1)
+def _book_under_transforms(input, x, log):
+    """The book's softmax under functorch transforms: torch's own op (wrapped tensors hold no storage to read)."""
+    return (torch.log_softmax if log else torch.softmax)(input, -1)
+
+
+book_apply = direct_apply(BookSoftmax, 1, _book_under_transforms)
 
 
 class SoftmaxFunction(SoftmaxCore):
