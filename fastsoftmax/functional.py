@@ -326,7 +326,6 @@ def _book_arrays(input, target, ignore_index, reduction, label_smoothing):
     return None
 
 
-
 def _plain_cross_entropy(input, target, ignore_index, reduction, label_smoothing) -> bool:
     """Whether a call is the common case: CPU float32/64 logits ``(N, C)``, int64 targets ``(N,)``, plain options.
 

@@ -127,10 +127,11 @@ def _total(a):
     n = a.shape[0]
     n_blocks = (n + _SUM_BLOCK - 1) // _SUM_BLOCK
     sums = np.zeros(max(n_blocks, 1))
+    lanes = np.empty(8)
     for b in range(n_blocks):
         start = b * _SUM_BLOCK
         stop = min(n, start + _SUM_BLOCK)
-        lanes = np.zeros(8)
+        lanes[:] = 0.0
         for i in range(start, stop):
             lanes[(i - start) & 7] += a[i]
         sums[b] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
@@ -148,27 +149,22 @@ def _cross_entropy_book(x, target, ignore_index, eps, mean, grad):
     """The book's cross-entropy in one call: ``(first bad target or -1, loss)``, the gradient into ``grad``.
 
     Rows ``x`` (R, C) of at most 16 classes, no class weight: checks the
-    targets, then computes the per-row losses and, when ``grad`` has rows,
-    the gradient scaled for the reduction (``1 / total kept`` for a
-    ``mean``, NaN when that is 0, as torch's 0/0), and returns the loss
-    summed (:func:`_total`) and, for a ``mean``, divided. The same per-element arithmetic, in the same order and dtypes, as
-    :func:`.cpu_middle._cross_entropy_index_middle` with no class weight,
-    no log-sum-exp and no z-loss, on one block of all R positions (so the
-    same bits as every other path), without the general kernel's branches,
-    work queue and scratch layout: the compiled code is a fraction of the
-    size, which is what counts with caches as cold as a training step
-    leaves them. Targets checked first, as :func:`.cpu_rows.check_targets`
-    does; the loss reduced by :func:`_total`.
+    targets (:func:`.cpu_rows.check_targets`, before any logit is read),
+    then computes the per-row losses and, when ``grad`` has rows, the
+    gradient scaled for the reduction (``1 / total kept`` for a ``mean``,
+    NaN when that is 0, as torch's 0/0), and returns the loss summed
+    (:func:`_total`) and, for a ``mean``, divided. The per-element
+    arithmetic is that of :func:`.cpu_middle._cross_entropy_index_middle`
+    with no class weight, log-sum-exp or z-loss, in the same order and
+    dtypes, on one block of all R positions (so the same bits as every other
+    path), without the general kernel's branches, work queue and scratch
+    layout: the compiled code is a fraction of the size, which is what
+    counts with caches as cold as a training step leaves them.
     """
     n_rows, n_classes = x.shape
-    denom = 0.0
-    for i in range(n_rows):  # sequential, as check_targets
-        t = target[i]
-        if t == ignore_index:
-            continue
-        if t < 0 or t >= n_classes:
-            return i, 0.0
-        denom += 1.0
+    bad, denom, _ = check_targets(target, n_classes, ignore_index, np.empty(0, np.float64))
+    if bad >= 0:
+        return bad, 0.0
     scale = 1.0
     if mean:
         scale = 1.0 / denom if denom else np.nan
@@ -344,7 +340,7 @@ SOFTMAX_FORWARD = _Entries(softmax_forward_small, lambda f: (_c_rows(f), _c_rows
 #: ``[dtype](y, dy, dx, log)``: y, dx C-contiguous (R, C), dy (R, C) of any strides
 SOFTMAX_BACKWARD = _Entries(softmax_backward_small, lambda f: (_c_rows(f), types.Array(f, 2, "A"), _c_rows(f), types.boolean))
 #: ``[dtype](x, target, ignore_index, eps, mean, grad)`` of :func:`cross_entropy_book`: x, grad C-contiguous (R, C), target contiguous int64 (R,)
-CROSS_ENTROPY_REDUCED = _Entries(
+CROSS_ENTROPY_BOOK = _Entries(
     cross_entropy_book,
     lambda f: (_c_rows(f), types.Array(types.int64, 1, "C"), types.int64, types.float64, types.boolean, _c_rows(f)),
 )

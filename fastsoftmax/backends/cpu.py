@@ -188,6 +188,15 @@ def cross_entropy_small(x, target, ignore_index: int, eps: float, reduction: str
     return denom
 
 
+#: The book's one-call kernels (:mod:`kernels.cpu_small`), by NumPy dtype, called without Numba's type
+#: dispatch: ``SOFTMAX_FORWARD[dtype](x, y, log)``, ``SOFTMAX_BACKWARD[dtype](y, dy, dx, log)``,
+#: ``CROSS_ENTROPY_BOOK[dtype](x, target, ignore_index, eps, mean, grad) -> (bad, loss)``; the arrays
+#: exactly as each signature states (its ``_Entries`` checks dtypes, not layouts).
+SOFTMAX_FORWARD = cpu_small.SOFTMAX_FORWARD
+SOFTMAX_BACKWARD = cpu_small.SOFTMAX_BACKWARD
+CROSS_ENTROPY_BOOK = cpu_small.CROSS_ENTROPY_BOOK
+
+
 def total(losses: np.ndarray) -> float:
     """The sum of float64 per-element losses, in the fixed order every CPU path uses (:func:`kernels.cpu_small._total`)."""
     return cpu_small.total(losses.reshape(-1)) if losses.size else 0.0

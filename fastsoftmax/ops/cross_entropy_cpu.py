@@ -160,21 +160,11 @@ def forward_reduced(book: tuple, compute_grad: bool) -> tuple:
     """
     x, t, ignore_index, reduction, eps = book
     grad = np.empty(x.shape if compute_grad else (0, x.shape[1]), x.dtype)
-    bad, value = (_SMALL or _small()).CROSS_ENTROPY_REDUCED[x.dtype](x, t, ignore_index, eps, reduction == "mean", grad)
+    be = layout.CPU_BACKEND or layout.import_cpu_backend()
+    bad, value = be.CROSS_ENTROPY_BOOK[x.dtype](x, t, ignore_index, eps, reduction == "mean", grad)
     if bad >= 0:
         raise bad_target(int(t[bad]), bad, x.shape[1], ignore_index)
     return torch.from_numpy(np.array(value, x.dtype)), torch.from_numpy(grad)
-
-
-def _small():
-    global _SMALL
-    from ..kernels import cpu_small  # on first use: it loads Numba
-
-    _SMALL = cpu_small
-    return cpu_small
-
-
-_SMALL = None
 
 
 def _chunked(kernel, x, targets, w, prob, ignore_index, eps, scale, z_scale, loss, lse, grad, compute_grad, compute):

@@ -34,15 +34,21 @@ _CPU_COMPUTE = {
 }
 
 
-def _import_cpu_backend():
-    global _CPU_BACKEND
-    from ..backends import cpu  # on first use: it loads Numba and the kernels
+def import_cpu_backend():
+    """The CPU backend, imported on first use (it loads Numba and the kernels) and kept in :data:`CPU_BACKEND`.
 
-    _CPU_BACKEND = cpu
+    Hot paths read ``layout.CPU_BACKEND or layout.import_cpu_backend()``:
+    at 256 x 10 with cold caches, an import statement or one more Python
+    call on every op costs a fifth of the kernel.
+    """
+    global CPU_BACKEND
+    from ..backends import cpu
+
+    CPU_BACKEND = cpu
     return cpu
 
 
-_CPU_BACKEND = None
+CPU_BACKEND = None
 
 
 class _CPU:
@@ -50,8 +56,7 @@ class _CPU:
 
     @staticmethod
     def backend():
-        # an import statement on every call costs microseconds with cold caches (at 256 x 10, a fifth of the kernel)
-        return _CPU_BACKEND or _import_cpu_backend()
+        return CPU_BACKEND or import_cpu_backend()
 
     @staticmethod
     def compute_dtype(dtype: torch.dtype) -> torch.dtype:

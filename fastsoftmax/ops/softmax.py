@@ -275,19 +275,8 @@ def forward_book(x, log: bool) -> tuple:
     of ``kernels/cpu_small.py`` into an output made by NumPy.
     """
     y = np.empty(x.shape, x.dtype)
-    (_CPU_SMALL or _cpu_small()).SOFTMAX_FORWARD[x.dtype](x, y, log)
+    (layout.CPU_BACKEND or layout.import_cpu_backend()).SOFTMAX_FORWARD[x.dtype](x, y, log)
     return torch.from_numpy(y), y
-
-
-def _cpu_small():
-    global _CPU_SMALL
-    from ..kernels import cpu_small  # on first use: it loads Numba
-
-    _CPU_SMALL = cpu_small
-    return cpu_small
-
-
-_CPU_SMALL = None
 
 
 class BookSoftmax(torch.autograd.Function):
@@ -316,7 +305,7 @@ class BookSoftmax(torch.autograd.Function):
         ya = ctx.y_array
         dx = np.empty(ya.shape, ya.dtype)
         # any strides: the gradient of a sum arrives expanded from one element
-        (_CPU_SMALL or _cpu_small()).SOFTMAX_BACKWARD[ya.dtype](ya, grad_output.detach().numpy(), dx, ctx.log)
+        (layout.CPU_BACKEND or layout.import_cpu_backend()).SOFTMAX_BACKWARD[ya.dtype](ya, grad_output.detach().numpy(), dx, ctx.log)
         return torch.from_numpy(dx), None, None
 
 
