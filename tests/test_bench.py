@@ -76,3 +76,22 @@ def test_per_call_script_runs_and_reports_every_op(tmp_path):
     assert {(r["op"], r["caches"]) for r in timed} == {(op, c) for op in per_call.cases() for c in ("hot", "cold")}
     for r in timed:
         assert r["speedup"] == pytest.approx(r["torch_us"] / r["ours_us"])
+
+
+def test_book_path_script_reports_every_stage(tmp_path):
+    """benchmarks/book_path.py: the staged D2L step, both losses, ratios consistent with the medians."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "book_path.py"
+    spec = importlib.util.spec_from_file_location("book_path", path)
+    book_path = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(book_path)
+    assert book_path.main(["--repeats", "2", "--steps", "2", "--no-asm", "--out", str(tmp_path / "book_path.json")]) == 0
+    result = json.loads((tmp_path / "book_path.json").read_text())
+    medians, ratio = result["median_us"], result["torch_over_ours"]
+    assert set(medians) == {"torch", "fastsoftmax"}
+    for stage in (*book_path.STAGES, "step"):
+        assert ratio[stage] == pytest.approx(medians["torch"][stage] / medians["fastsoftmax"][stage])
+        assert all(m[stage] > 0 for m in medians.values())
