@@ -36,6 +36,7 @@ _KERNEL_NAMES = {False: "softmax", True: "log_softmax"}
 _PLAIN_DTYPES = (torch.float32, torch.float64)
 _PLAIN_REDUCTIONS = frozenset(validation.REDUCTIONS)
 _F32, _F64, _I64 = (np.dtype(t) for t in (np.float32, np.float64, np.int64))
+_T32, _T64, _TI64 = torch.float32, torch.float64, torch.int64
 _is_compiling = torch.compiler.is_compiling
 _transforms_active = direct.transforms_active
 
@@ -58,34 +59,47 @@ def _plain_softmax(input, dim, dtype) -> bool:
 
 
 def _book_rows(input, dim):
-    """A NumPy view of the book's softmax input, or None: contiguous CPU float32/64 rows ``(N, C)``, ``dim`` the last.
+    """``(address, n_rows, n_cols)`` of the book's softmax input, or None: contiguous CPU float32/64 rows, ``dim`` the last.
 
     Rows of at most ``config.CPU_SMALL_CLASSES`` classes and fewer than
     ``config.CPU_PARALLEL_MIN_ELEMENTS`` elements, which the one-call
-    kernels of ``kernels/cpu_small.py`` take (see :func:`_book_arrays` for
-    why the view is made first and the rest read from it).
+    kernels of ``kernels/cpu_small.py`` take at their address. At 256 x 10
+    with the caches as cold as a training step leaves them each Python call
+    here costs about a microsecond, and a NumPy view 15: so the tensor's own
+    properties, read once. Not taken while torch.compile traces (the
+    kernel is opaque to it), for a negative view (its memory holds the
+    values negated), or for a tensor with no plain memory to read (nested,
+    a functorch wrapper: ``shape`` or ``data_ptr`` raises).
     """
-    if not (type(input) is torch.Tensor and (dim == -1 or dim == 1) and input.is_cpu and input.layout is torch.strided):
+    if not (
+        type(input) is torch.Tensor
+        and (dim == -1 or dim == 1)
+        and not _is_compiling()
+        and (input.dtype is _T32 or input.dtype is _T64)
+        and input.is_cpu
+        and input.layout is torch.strided
+        and input.dim() == 2
+        and input.is_contiguous()
+        and not input.is_neg()
+    ):
         return None
     try:
-        x = input.detach().numpy()
-    except (TypeError, RuntimeError):  # a conjugate or negative view: the general path
+        n_rows, n_cols = input.shape
+        address = input.data_ptr()
+    except RuntimeError:
         return None
-    if not (x.ndim == 2 and (x.dtype is _F32 or x.dtype is _F64) and x.flags.c_contiguous):
-        return None
-    n_rows, n_classes = x.shape
-    if 0 < n_classes <= config.CPU_SMALL_CLASSES and 0 < n_rows * n_classes < config.CPU_PARALLEL_MIN_ELEMENTS:
-        return x
+    if 0 < n_cols <= config.CPU_SMALL_CLASSES and 0 < n_rows * n_cols < config.CPU_PARALLEL_MIN_ELEMENTS:
+        return address, n_rows, n_cols
     return None
 
 
 def _softmax(input, dim, stacklevel, dtype, log: bool, name: str):
-    if dtype is None and type(dim) is int and not _is_compiling():
+    if dtype is None and type(dim) is int:
         rows = _book_rows(input, dim)
         if rows is not None:
             if input.requires_grad and torch.is_grad_enabled():
                 return softmax_op.book_apply(input, rows, log)
-            return softmax_op.forward_book(rows, log)[0]
+            return softmax_op.forward_book(input, rows, log)
     if _plain_softmax(input, dim, dtype) and not _is_compiling() and not _transforms_active():
         dim %= input.ndim
         if input.requires_grad and torch.is_grad_enabled():
@@ -237,7 +251,7 @@ def cross_entropy(
         if book is not None:
             if input.requires_grad and torch.is_grad_enabled():
                 return ce_op.plain_apply(input, target, book)
-            return ce_cpu.forward_reduced(book, False)[0]
+            return ce_cpu.forward_reduced(input, target, book, False)[0]
         if not compiling and _plain_cross_entropy(input, target, ignore_index, reduction, label_smoothing) and not _transforms_active():
             if input.requires_grad and torch.is_grad_enabled():
                 return ce_op.CrossEntropyCore.apply(input, target, None, ignore_index, reduction, label_smoothing)
@@ -279,21 +293,21 @@ def cross_entropy(
 
 
 def _book_arrays(input, target, ignore_index, reduction, label_smoothing):
-    """The book's call as its kernel takes it, ``(x, t, ignore_index, reduction, label_smoothing)``, or None.
+    """The book's call as its kernel takes it, ``(x, t, n_rows, n_cols, ignore_index, reduction, label_smoothing)``, or None.
 
-    ``x`` and ``t`` are NumPy views of the logits and the targets.
+    ``x`` and ``t`` are the addresses of the logits and the targets.
 
     The book's call: CPU float32/64 logits ``(N, C)``, contiguous, of at most
     ``config.CPU_SMALL_CLASSES`` classes and fewer than
-    ``config.CPU_PARALLEL_MIN_ELEMENTS`` elements, contiguous int64 targets ``(N,)``,
-    a mean or a sum, plain options: every check of
+    ``config.CPU_PARALLEL_MIN_ELEMENTS`` elements, contiguous CPU int64
+    targets ``(N,)``, a mean or a sum, plain options: every check of
     :func:`validation.check_cross_entropy` would pass, and
-    :class:`.ops.cross_entropy.PlainCrossEntropy` takes it. At 256 x 10,
-    with the caches as cold as a training step leaves them, each Python call
-    or property read here costs as much as a few rows of the kernel: so one
-    function, the views that the kernel needs anyway made first, and the
-    rest read from them (a tensor that has none, on another device or
-    layout, fails there).
+    :class:`.ops.cross_entropy.PlainCrossEntropy` takes it. Each Python call
+    or property read here costs about a microsecond with the caches as cold
+    as a training step leaves them (a NumPy view 15: see :func:`_book_rows`);
+    so one function. Not for negative views (their memory holds the values
+    negated) nor tensors with no plain memory (``shape`` or ``data_ptr``
+    raises).
     """
     if not (
         type(input) is torch.Tensor
@@ -304,25 +318,26 @@ def _book_arrays(input, target, ignore_index, reduction, label_smoothing):
         and type(label_smoothing) is float
         and 0.0 <= label_smoothing <= 1.0
         and -(2**63) <= ignore_index < 2**63
+        and (input.dtype is _T32 or input.dtype is _T64)
+        and target.dtype is _TI64
         and input.is_cpu
+        and target.is_cpu
         and input.layout is torch.strided
+        and target.layout is torch.strided
+        and input.dim() == 2
+        and target.dim() == 1
+        and input.is_contiguous()
+        and target.is_contiguous()
+        and not (input.is_neg() or target.is_neg())
     ):
         return None
     try:
-        x = input.detach().numpy()
-        t = target.numpy()
-    except (TypeError, RuntimeError):  # a target on another device or layout, a conjugate view: the general path
+        n_rows, n_cols = input.shape
+        x, t = input.data_ptr(), target.data_ptr()
+    except RuntimeError:
         return None
-    if not (x.ndim == 2 and t.ndim == 1 and (x.dtype is _F32 or x.dtype is _F64) and t.dtype is _I64 and t.flags.c_contiguous):
-        return None
-    n_rows, n_classes = x.shape
-    if (
-        t.shape[0] == n_rows
-        and 0 < n_classes <= config.CPU_SMALL_CLASSES
-        and n_rows * n_classes < config.CPU_PARALLEL_MIN_ELEMENTS
-        and x.flags.c_contiguous
-    ):
-        return x, t, ignore_index, reduction, label_smoothing
+    if target.shape[0] == n_rows and 0 < n_cols <= config.CPU_SMALL_CLASSES and n_rows * n_cols < config.CPU_PARALLEL_MIN_ELEMENTS:
+        return x, t, n_rows, n_cols, ignore_index, reduction, label_smoothing
     return None
 
 

@@ -20,6 +20,7 @@ options) calls the general kernel.
 """
 
 import math
+from functools import partial
 
 import numpy as np
 from numba import from_dtype, njit, types
@@ -33,6 +34,7 @@ from .cpu_rows import ce_index_grad_coeffs, ce_index_loss, check_targets
 from .exp import vexp_nonpos
 from .intrinsics import maxnum
 from .jit import OPTIONS, cast_like, inline, renamed
+from .pointers import rows_at, strided_rows_at, vector_at
 
 _cross_entropy_middle = cross_entropy_index_middle[False]
 
@@ -310,16 +312,61 @@ total = njit(**OPTIONS)(renamed(_total, "_serial"))
 cross_entropy_book = njit(**OPTIONS)(renamed(_cross_entropy_book, "_serial"))
 
 
-class _Entries(dict):
-    """One kernel's compiled entry points by NumPy dtype: the call without Numba's type dispatch.
+def _softmax_forward_at(like, x, y, n_rows, n_cols, log):
+    """:func:`_softmax_forward_small` on C-contiguous ``(n_rows, n_cols)`` rows at the addresses ``x`` and ``y``."""
+    softmax_forward_small(rows_at(x, n_rows, n_cols, like), rows_at(y, n_rows, n_cols, like), log)
 
-    ``entries[x.dtype](*arrays)`` calls the kernel compiled (or loaded from
-    the on-disk cache) for ``signature(numba element type)`` on first use.
-    Numba's dispatch works out the types of every argument on each call,
-    a few microseconds with cold caches at the book's 256 x 10; the entry
-    point only unboxes them. It checks each array's dtype but **not its
-    number of dimensions or its layout**: callers pass arrays of exactly
-    the signature's (a "C" array must be C-contiguous).
+
+def _softmax_backward_at(like, y, dy, dx, n_rows, n_cols, dy_row_stride, dy_col_stride, log):
+    """:func:`_softmax_backward_small` on rows at addresses: ``y``, ``dx`` C-contiguous, ``dy`` of the strides given (in elements)."""
+    softmax_backward_small(
+        rows_at(y, n_rows, n_cols, like),
+        strided_rows_at(dy, n_rows, n_cols, dy_row_stride, dy_col_stride, like),
+        rows_at(dx, n_rows, n_cols, like),
+        log,
+    )
+
+
+def _cross_entropy_book_at(like, x, target, grad, loss, n_rows, n_cols, ignore_index, eps, mean):
+    """:func:`_cross_entropy_book` on memory at addresses: returns ``bad`` (-1: all targets valid), stores the loss at ``loss``.
+
+    ``x`` C-contiguous ``(n_rows, n_cols)`` logits, ``target`` ``n_rows``
+    contiguous int64, ``grad`` C-contiguous rows like ``x`` or 0 (no
+    gradient), ``loss`` one element of ``like``'s type (left as it was when
+    a target is bad).
+    """
+    bad, value = cross_entropy_book(
+        rows_at(x, n_rows, n_cols, like),
+        vector_at(target, n_rows, np.int64(0)),
+        ignore_index,
+        eps,
+        mean,
+        rows_at(grad, n_rows if grad else 0, n_cols, like),
+    )
+    if bad < 0:
+        out = vector_at(loss, 1, like)
+        out[0] = cast_like(value, out)
+    return bad
+
+
+softmax_forward_at = njit(**OPTIONS)(renamed(_softmax_forward_at))
+softmax_backward_at = njit(**OPTIONS)(renamed(_softmax_backward_at))
+cross_entropy_book_at = njit(**OPTIONS)(renamed(_cross_entropy_book_at))
+
+
+class _Entries(dict):
+    """One kernel's compiled entry points by element type: the call without Numba's type dispatch.
+
+    ``entries[dtype](*arguments)`` calls the kernel compiled (or loaded from
+    the on-disk cache) for ``signature(numba element type)`` on first use,
+    with a value of that type bound as its first argument, ``like`` (the
+    kernels of :mod:`.pointers` take it for the element type of the
+    addresses they read). ``dtype`` is a NumPy dtype or a torch dtype (by
+    its name: this module works without torch). Numba's dispatch works out
+    the types of every argument on each call, a few microseconds with cold
+    caches at the book's 256 x 10; the entry point only unboxes them, and
+    addresses and sizes are integers. **Nothing checks the addresses**:
+    callers hold each guarantee :mod:`.pointers` states.
     """
 
     def __init__(self, kernel, signature):
@@ -327,20 +374,19 @@ class _Entries(dict):
         self.kernel, self.signature = kernel, signature
 
     def __missing__(self, dtype):
-        entry = self[dtype] = self.kernel.compile(self.signature(from_dtype(dtype)))
+        element = np.dtype(str(dtype).removeprefix("torch."))
+        entry = self.kernel.compile(self.signature(from_dtype(element)))
+        self[dtype] = entry = partial(entry, element.type(0))
         return entry
 
 
-def _c_rows(f):
-    return types.Array(f, 2, "C")
+_I64 = types.int64
+
+#: ``[dtype](x, y, n_rows, n_cols, log)``: addresses of C-contiguous (n_rows, n_cols) rows
+SOFTMAX_FORWARD = _Entries(softmax_forward_at, lambda f: (f, _I64, _I64, _I64, _I64, types.boolean))
+#: ``[dtype](y, dy, dx, n_rows, n_cols, dy_row_stride, dy_col_stride, log)``: y, dx C-contiguous, dy of any strides (elements)
+SOFTMAX_BACKWARD = _Entries(softmax_backward_at, lambda f: (f,) + (_I64,) * 7 + (types.boolean,))
 
 
-#: ``[dtype](x, y, log)``: x, y C-contiguous (R, C)
-SOFTMAX_FORWARD = _Entries(softmax_forward_small, lambda f: (_c_rows(f), _c_rows(f), types.boolean))
-#: ``[dtype](y, dy, dx, log)``: y, dx C-contiguous (R, C), dy (R, C) of any strides
-SOFTMAX_BACKWARD = _Entries(softmax_backward_small, lambda f: (_c_rows(f), types.Array(f, 2, "A"), _c_rows(f), types.boolean))
-#: ``[dtype](x, target, ignore_index, eps, mean, grad)`` of :func:`cross_entropy_book`: x, grad C-contiguous (R, C), target contiguous int64 (R,)
-CROSS_ENTROPY_BOOK = _Entries(
-    cross_entropy_book,
-    lambda f: (_c_rows(f), types.Array(types.int64, 1, "C"), types.int64, types.float64, types.boolean, _c_rows(f)),
-)
+#: ``[dtype](x, target, grad, loss, n_rows, n_cols, ignore_index, eps, mean) -> bad`` of :func:`cross_entropy_book_at`
+CROSS_ENTROPY_BOOK = _Entries(cross_entropy_book_at, lambda f: (f,) + (_I64,) * 7 + (types.float64, types.boolean))

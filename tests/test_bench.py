@@ -10,7 +10,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def test_run_reports_consistent_rows_and_plots(tmp_path):
     providers = ("naive", "torch", "fastsoftmax")
-    results = bench.run([(8, 16)], providers=providers, repeats=3, memory=True, log=lambda *_: None)
+    results = bench.run([(8, 16)], providers=providers, repeats=3, memory=True, log=lambda *_: None, min_seconds=0.0)
     rows = results["rows"]
     assert len(rows) == len(bench.OPS) * len(providers)
     for op in bench.OPS:
@@ -59,6 +59,21 @@ def test_time_case_runs_every_provider_each_repetition_in_a_varying_order():
     assert all(sorted(r) == list("abcd") for r in rounds)
     assert len(set(rounds)) > 1  # not one fixed order
     assert {r[0] for r in rounds} == set("abcd")  # each provider sometimes runs first
+
+
+def test_time_case_repeats_small_cases_until_each_provider_has_its_time():
+    import time
+
+    # repetitions go on until the fastest provider's calls add up to min_seconds, or max_repeats
+    case = bench.Case("softmax_fwd", 1, 1, torch.float32, "cpu", calls={"slow": lambda: time.sleep(0.002), "fast": lambda: None})
+    times = bench.time_case(case, repeats=3, warmup=0, min_seconds=0.01, max_repeats=20)
+    assert len(times["slow"]) == len(times["fast"]) == 20  # no-ops never add up to 10 ms in 20 calls
+    case.calls["fast"] = lambda: time.sleep(0.001)
+    times = bench.time_case(case, repeats=3, warmup=0, min_seconds=0.01, max_repeats=1000)
+    assert len(times["slow"]) == len(times["fast"]) > 3
+    assert sum(times["fast"]) >= 0.01 > sum(times["fast"][:-1])  # stopped as soon as it got there
+    times = bench.time_case(case, repeats=3, warmup=0, min_seconds=0.0)
+    assert len(times["slow"]) == 3
 
 
 def test_per_call_script_runs_and_reports_every_op(tmp_path):

@@ -253,6 +253,53 @@ def test_softmax_family_values_as_torch(name):
     _compare(call(fastsoftmax), call(TF))
 
 
+NEG = torch._neg_view  # a view whose memory holds the values negated (torch resolves it on reading)
+
+NEGATIVE_VIEW_CASES = {
+    "softmax, book's rows": lambda F: F.softmax(NEG(_x(6, 4)), 1),
+    "softmax, 3-D over dim 0": lambda F: F.softmax(NEG(_x(3, 4, 5)), 0),
+    "log_softmax, long rows": lambda F: F.log_softmax(NEG(_x(4, 300)), -1),
+    "cross_entropy, book's call": lambda F: F.cross_entropy(NEG(_x(6, 4)), torch.tensor([0, 1, 2, 3, 0, 1])),
+    "cross_entropy, negated targets": lambda F: F.cross_entropy(_x(4, 5), NEG(-T4)),
+    "cross_entropy, weights and none": lambda F: F.cross_entropy(_x(4, 5), T4, weight=NEG(-torch.arange(1.0, 6.0)), reduction="none"),
+    "cross_entropy, K-dim": lambda F: F.cross_entropy(NEG(_x(2, 5, 3)), torch.tensor([[0, 1, 4], [2, 3, 0]])),
+    "cross_entropy, probabilities": lambda F: F.cross_entropy(_x(4, 5), NEG(-torch.softmax(_x(4, 5, seed=3), 1))),
+}
+
+
+@pytest.mark.parametrize("name", list(NEGATIVE_VIEW_CASES))
+def test_negative_views_read_as_torch(name):
+    """Negative views (``torch._neg_view``) are read as their values, as torch reads them, gradients included."""
+    call = NEGATIVE_VIEW_CASES[name]
+    _compare(call(fastsoftmax), call(TF))
+
+
+def test_negative_views_through_every_door():
+    x, dy = _x(6, 4), _x(6, 4, seed=1)
+    t = torch.tensor([0, 1, 2, 3, 0, 1])
+    want = TF.softmax(-x, 1)
+    assert_close(fastsoftmax.SoftmaxFunction.apply(NEG(x), 1), want)
+    assert_close(torch.ops.fastsoftmax.softmax(NEG(x), 1), want)
+    # gradients: into a negative view of a leaf (the view's gradient is negated back), and a negated grad_output
+    def log_softmax_grad(F):
+        leaf = x.clone().requires_grad_()
+        F.log_softmax(NEG(leaf), 1).backward(NEG(-dy))
+        return leaf.grad
+
+    assert_close(log_softmax_grad(fastsoftmax), log_softmax_grad(TF))
+
+    # the in-place gradient option never writes into a negative view's memory (it holds the values negated)
+    def cross_entropy_grad(F, **kw):
+        leaf = x.clone().requires_grad_()
+        F.cross_entropy(NEG(leaf), t, **kw).backward()
+        return leaf.grad
+
+    assert_close(cross_entropy_grad(fastsoftmax, inplace_backward=True), cross_entropy_grad(TF))
+    W = _x(5, 4, seed=2)
+    ref = TF.cross_entropy(_x(3, 4, seed=3) @ (-W).t(), torch.tensor([0, 4, 2]))
+    assert_close(fastsoftmax.linear_cross_entropy(_x(3, 4, seed=3), NEG(W), torch.tensor([0, 4, 2])), ref)
+
+
 @pytest.mark.parametrize("op", ["softmax", "log_softmax", "softmin"])
 def test_softmax_gradient_nan_rows_as_torch(op):
     grads = []

@@ -159,6 +159,33 @@ def test_large_output_comes_from_pool_and_is_reused():
 
 
 @pytest.mark.parametrize("op,ref", OPS, ids=OP_IDS)
+def test_book_rows_read_at_the_right_address_or_not_at_all(op, ref):
+    """The book's kernels read a tensor at its address: offsets, negative views, nested tensors and odd gradients."""
+    from fastsoftmax import functional
+
+    base = randn(40, 10, seed=31)
+    # a slice from row 3: contiguous, its memory starts 30 elements into the storage
+    x = base[3:]
+    assert x.storage_offset() == 30 and functional._book_rows(x, -1) is not None
+    assert_close(op(x, -1), ref(x.double(), -1), torch.float32)
+    # a negative view holds the values negated in memory: not the book's path, and torch's values
+    neg = torch._neg_view(base)
+    assert neg.is_neg() and functional._book_rows(neg, -1) is None
+    assert_close(op(neg, -1), ref(-base.double(), -1), torch.float32)
+    # a nested tensor of vectors is 2-D and contiguous, but has no plain rows
+    nested = torch.nested.nested_tensor([randn(10, seed=32), randn(10, seed=33)])
+    assert functional._book_rows(nested, -1) is None
+    # gradients of any strides, negated in memory, or a subclass: the same as torch's
+    xg = base.clone().requires_grad_()
+    y, y64 = op(xg, -1), ref(base.double(), -1)
+    dy = randn(40, 10, seed=34)
+    log = op is fastsoftmax.log_softmax
+    for grad in (dy.t().contiguous().t(), dy[:, :1].expand(40, 10), torch._neg_view(-dy)):
+        (dx,) = torch.autograd.grad(y, xg, grad, retain_graph=True)
+        assert_close(dx, backward_reference(log, y64, grad.double(), -1), torch.float32)
+
+
+@pytest.mark.parametrize("op,ref", OPS, ids=OP_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_book_rows_take_book_softmax_forward_backward_and_twice(op, ref, dtype, monkeypatch):
     """Rows of the book's shape go through ops.softmax.BookSoftmax: against float64, then its corner cases."""

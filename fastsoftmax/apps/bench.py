@@ -44,6 +44,8 @@ BYTES_PER_ELEMENT = {"softmax_fwd": 2, "softmax_fwd_bwd": 5, "log_softmax_fwd": 
 CPU_SHAPES = ((256, 10), (4096, 1000), (4096, 32000), (8192, 32000))
 GPU_SHAPES = CPU_SHAPES + ((32768, 131072),)
 QUICK_SHAPES = ((256, 10), (4096, 1000))
+#: each provider's timed calls of a case add up to at least this (more repetitions for small cases)
+MIN_SECONDS = 0.1
 
 
 def _functions(provider: str):
@@ -118,28 +120,39 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_case(case: Case, repeats: int, warmup: int = 2, seed: int = 0) -> dict:
+def time_case(case: Case, repeats: int, warmup: int = 2, seed: int = 0, min_seconds: float = 0.0, max_repeats: int = 2000) -> dict:
     """Seconds per call, a list per provider: providers interleaved within each repetition.
 
     Each repetition runs the providers in a new random order (from ``seed``),
     so that none always follows the same one: a call that runs after a
     large copy or a cache-flushing naive op can find the caches, the
     write-combining buffers or the memory controller in a different state.
+
+    At least ``repeats`` repetitions, and more (up to ``max_repeats``) until
+    every provider's calls add up to ``min_seconds``: a call of tens of
+    microseconds timed seven times gives a median that one interruption
+    moves by a third, so small cases take hundreds of samples, each still
+    one call in the same interleaved setting.
     """
     for call in case.calls.values():
         for _ in range(warmup):
             call()
     _sync(case.device)
     times = {p: [] for p in case.calls}
+    totals = dict.fromkeys(case.calls, 0.0)
     order = random.Random(seed)
-    for _ in range(repeats):
+    done = 0
+    while done < repeats or (done < max_repeats and min(totals.values()) < min_seconds):
         for provider in order.sample(list(case.calls), len(case.calls)):
             call = case.calls[provider]
             _sync(case.device)
             start = time.perf_counter()
             call()
             _sync(case.device)
-            times[provider].append(time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            times[provider].append(seconds)
+            totals[provider] += seconds
+        done += 1
     return times
 
 
@@ -224,8 +237,12 @@ def machine() -> dict:
     return info
 
 
-def run(shapes, ops=OPS, dtypes=(torch.float32,), device="cpu", providers=PROVIDERS, repeats=7, memory=True, log=print):
-    """Benchmark the matrix; returns the results dictionary written to ``results.json``."""
+def run(shapes, ops=OPS, dtypes=(torch.float32,), device="cpu", providers=PROVIDERS, repeats=7, memory=True, log=print, min_seconds=MIN_SECONDS):
+    """Benchmark the matrix; returns the results dictionary written to ``results.json``.
+
+    Each case runs ``repeats`` interleaved repetitions or more, until each
+    provider's calls add up to ``min_seconds`` (see :func:`time_case`).
+    """
     rows = []
     for dtype in dtypes:
         for n_rows, n_cols in shapes:
@@ -233,7 +250,7 @@ def run(shapes, ops=OPS, dtypes=(torch.float32,), device="cpu", providers=PROVID
                 case = make_case(op, n_rows, n_cols, dtype, device, providers)
                 # the copy is timed inside the same interleaved repetitions, under the same conditions
                 case.calls["copy"] = copy_call(n_rows, n_cols, dtype, device)
-                times = time_case(case, repeats)
+                times = time_case(case, repeats, min_seconds=min_seconds)
                 del case.calls["copy"]
                 copy_s = statistics.median(times.pop("copy"))
                 copy_gbps = 2 * n_rows * n_cols * torch.finfo(dtype).bits // 8 / copy_s / 1e9
@@ -259,7 +276,7 @@ def run(shapes, ops=OPS, dtypes=(torch.float32,), device="cpu", providers=PROVID
                 log(format_rows([r for r in rows if r["op"] == op and r["shape"] == [n_rows, n_cols] and r["dtype"] == str(dtype).removeprefix("torch.")]))
                 del case
                 _release_cpu_memory()
-    return {"machine": machine(), "device": device, "repeats": repeats, "byte_counts": BYTES_PER_ELEMENT, "rows": rows}
+    return {"machine": machine(), "device": device, "repeats": repeats, "min_seconds": min_seconds, "byte_counts": BYTES_PER_ELEMENT, "rows": rows}
 
 
 def format_rows(rows) -> str:

@@ -296,7 +296,8 @@ class CrossEntropyCore(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, z_loss=0.0, return_lse=False, inplace_backward=False):
         compute_grad = ctx.needs_input_grad[0]
-        inplace = bool(inplace_backward) and compute_grad and not input.is_cuda
+        # not into a negative view: its memory holds the values negated, and the kernels read a copy
+        inplace = bool(inplace_backward) and compute_grad and not input.is_cuda and not input.is_neg()
         loss, saved, lse = forward(
             input, target, weight, ignore_index, reduction, label_smoothing, compute_grad, z_loss, return_lse, inplace
         )
@@ -318,11 +319,12 @@ class CrossEntropyCore(torch.autograd.Function):
 class PlainCrossEntropy(torch.autograd.Function):
     """:class:`CrossEntropyCore` for the book's call, with the fewest steps: what :func:`fastsoftmax.cross_entropy` runs for it.
 
-    ``apply(input, target, book)``: ``book = (x, t, ignore_index, reduction,
-    label_smoothing)``, with ``x`` and ``t`` NumPy views of ``input`` and
-    ``target``, which are contiguous CPU float32/64 logits ``(N, C)`` of a
-    few classes and rows and int64 targets ``(N,)``; no weight, a mean or a
-    sum; all checked by the caller (``fastsoftmax.functional._book_arrays``).
+    ``apply(input, target, book)``: ``book = (x, t, n_rows, n_cols,
+    ignore_index, reduction, label_smoothing)``, with ``x`` and ``t`` the
+    addresses of ``input`` and ``target``, which are contiguous CPU
+    float32/64 logits ``(N, C)`` of a few classes and rows and int64
+    targets ``(N,)``; no weight, a mean or a sum; all checked by the caller
+    (``fastsoftmax.functional._book_arrays``).
     One kernel call checks the targets, computes the loss and its gradient
     and reduces the loss (:func:`.cross_entropy_cpu.forward_reduced`); the
     backward hands the gradient over (or scales it), as
@@ -334,7 +336,7 @@ class PlainCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, target, book):
-        loss, grad = cpu_design.forward_reduced(book, True)
+        loss, grad = cpu_design.forward_reduced(input, target, book, True)
         ctx.save_for_backward(grad, input, target)
         ctx.book = book
         return loss
@@ -343,7 +345,7 @@ class PlainCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad, input, target = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the loss again in torch ops, differentiable
-            _, _, ignore_index, reduction, label_smoothing = ctx.book
+            ignore_index, reduction, label_smoothing = ctx.book[4:]
             grad = backward_graph(input, target, None, ignore_index, reduction, label_smoothing, 0.0, grad_output)
         elif grad_output.item() != 1.0:  # a scalar: the loss is reduced
             grad = grad * grad_output
@@ -352,7 +354,7 @@ class PlainCrossEntropy(torch.autograd.Function):
 
 def _plain_under_transforms(input, target, book):
     """The book's call under functorch transforms: torch's own cross-entropy (wrapped tensors hold no storage to read)."""
-    _, _, ignore_index, reduction, label_smoothing = book
+    ignore_index, reduction, label_smoothing = book[4:]
     return torch.nn.functional.cross_entropy(input, target, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
 
 

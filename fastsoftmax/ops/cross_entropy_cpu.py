@@ -117,12 +117,12 @@ def _forward_rows(input, target, ignore_index, reduction, eps, compute_grad):
     """
     be = device(input).backend()
     n_rows, n_classes = input.shape
-    t = np.ascontiguousarray(target.numpy())  # a strided target (t[::2]) copied: the kernels view it as (1, N)
+    t = np.ascontiguousarray(target.numpy(force=True))  # a strided target (t[::2]) copied: the kernels view it as (1, N)
     loss = np.empty(n_rows)
     if be.small_rows(n_rows, n_classes):
         # a few classes and rows: one serial call checks the targets, transposes and runs the middle-axis kernel
         grad, grad_array = layout._CPU.empty_array(input.shape if compute_grad else (0, n_classes), input.dtype)
-        denom = be.cross_entropy_small(input.detach().numpy(), t, ignore_index, eps, reduction, loss, grad_array)
+        denom = be.cross_entropy_small(input.numpy(force=True), t, ignore_index, eps, reduction, loss, grad_array)
         return _reduce(loss, None, None, 0.0, reduction, denom, 0, input.dtype), (grad if compute_grad else grad.view(0)), _NO_LSE[input.dtype]
     denom, count = be.check_targets(t, n_classes, ignore_index, None)
     scale, _ = be.scales(denom, count, reduction, 0.0)
@@ -131,12 +131,12 @@ def _forward_rows(input, target, ignore_index, reduction, eps, compute_grad):
         # (the row kernel would compute each row's few exponentials one at a time)
         x3 = input.detach().t().contiguous().view(1, n_classes, n_rows)
         g3 = layout._CPU.empty((1, n_classes, n_rows) if compute_grad else (0, n_classes, n_rows), input.dtype)
-        args = (x3.numpy(), t.reshape(1, n_rows), None, ignore_index, eps, scale, 0.0)
+        args = (x3.numpy(force=True), t.reshape(1, n_rows), None, ignore_index, eps, scale, 0.0)
         be.cross_entropy_index_middle(*args, loss.reshape(1, n_rows), _empty_of(torch.float64, 2), g3.numpy())
         grad = g3.view(n_classes, n_rows).t() if compute_grad else g3.view(0)
     else:
         grad = layout._CPU.empty(input.shape if compute_grad else (0, n_classes), input.dtype)
-        args = (input.detach().numpy(), t, None, ignore_index, eps, scale, 0.0, loss)
+        args = (input.numpy(force=True), t, None, ignore_index, eps, scale, 0.0, loss)
         be.cross_entropy_index(*args, _empty_of(torch.float64), grad.numpy())
         grad = grad if compute_grad else grad.view(0)
     return _reduce(loss, None, None, 0.0, reduction, denom, 0, input.dtype), grad, _NO_LSE[input.dtype]
@@ -145,26 +145,28 @@ def _forward_rows(input, target, ignore_index, reduction, eps, compute_grad):
 _NO_LSE = {dtype: torch.empty(0, dtype=dtype) for dtype in _KERNEL_DTYPES}
 
 
-def forward_reduced(book: tuple, compute_grad: bool) -> tuple:
+def forward_reduced(input, target, book: tuple, compute_grad: bool) -> tuple:
     """``(loss, grad)`` for the book's call: one kernel call checks the targets, computes and reduces the loss.
 
-    ``book = (x, t, ignore_index, reduction, eps)``: NumPy views of
-    contiguous float32/64 logits ``(N, C)`` of at most
-    ``config.CPU_SMALL_CLASSES`` classes and fewer than
-    ``config.CPU_PARALLEL_MIN_ELEMENTS`` elements and of contiguous int64
-    targets ``(N,)``; no weight; a mean or a sum (checked by the caller:
-    ``fastsoftmax.functional._book_arrays``). ``grad`` is the gradient for a
-    unit grad_output (no rows unless ``compute_grad``). The same kernels and
-    bits as :func:`_forward_rows`. The loss is a 0-d tensor made from NumPy
-    (``torch.scalar_tensor`` costs twice as much with cold caches).
+    ``book = (x, t, n_rows, n_cols, ignore_index, reduction, eps)``: the
+    addresses of ``input``, contiguous CPU float32/64 logits ``(N, C)`` of
+    at most ``config.CPU_SMALL_CLASSES`` classes and fewer than
+    ``config.CPU_PARALLEL_MIN_ELEMENTS`` elements, and of ``target``,
+    contiguous int64 ``(N,)``; no weight; a mean or a sum (checked by the
+    caller: ``fastsoftmax.functional._book_arrays``). ``grad`` is the
+    gradient for a unit grad_output (None unless ``compute_grad``). The same
+    kernels and bits as :func:`_forward_rows`; the kernel reads and writes
+    at the tensors' addresses (``kernels/pointers.py``).
     """
-    x, t, ignore_index, reduction, eps = book
-    grad = np.empty(x.shape if compute_grad else (0, x.shape[1]), x.dtype)
-    be = layout.CPU_BACKEND or layout.import_cpu_backend()
-    bad, value = be.CROSS_ENTROPY_BOOK[x.dtype](x, t, ignore_index, eps, reduction == "mean", grad)
+    x, t, n_rows, n_cols, ignore_index, reduction, eps = book
+    loss = torch.empty((), dtype=input.dtype)
+    grad = torch.empty_like(input) if compute_grad else None
+    bad = (layout.CPU_BACKEND or layout.import_cpu_backend()).CROSS_ENTROPY_BOOK[input.dtype](
+        x, t, grad.data_ptr() if compute_grad else 0, loss.data_ptr(), n_rows, n_cols, ignore_index, eps, reduction == "mean"
+    )
     if bad >= 0:
-        raise bad_target(int(t[bad]), bad, x.shape[1], ignore_index)
-    return torch.from_numpy(np.array(value, x.dtype)), torch.from_numpy(grad)
+        raise bad_target(int(target[bad]), bad, n_cols, ignore_index)
+    return loss, grad
 
 
 def _chunked(kernel, x, targets, w, prob, ignore_index, eps, scale, z_scale, loss, lse, grad, compute_grad, compute):

@@ -80,8 +80,8 @@ class _CPU:
 
     @staticmethod
     def array(t: torch.Tensor):
-        """The NumPy view the CPU backend takes (shares memory)."""
-        return t.detach().numpy()
+        """The NumPy view the CPU backend takes (shares memory; a copy of a negative view, whose memory holds the values negated)."""
+        return t.numpy(force=True)
 
     @staticmethod
     def middle_shape(x: torch.Tensor, dim: int):
@@ -136,7 +136,7 @@ class _CUDA:
         """The numba device array over ``t``'s memory (bfloat16 as ``uint16``; no array interface knows it)."""
         from numba import cuda
 
-        t = t.detach()
+        t = t.detach().resolve_neg()  # a negative view holds its values negated in memory
         if t.dtype == torch.bfloat16:
             t = t.view(torch.uint16)
         with torch.cuda.device(t.device):

@@ -79,8 +79,8 @@ class _Problem:
         self.rows = min(self.n, rows) if rows > 0 else chunk_rows(self.n, self.v, compute.itemsize, buffers)
         if not self.generic:
             self.be = self.dev.backend()
-            self.w_np = None if weight is None else weight.detach().to(compute).contiguous().numpy()
-            self.t_np = None if self.prob else self.t.numpy()
+            self.w_np = None if weight is None else weight.detach().to(compute).contiguous().numpy(force=True)
+            self.t_np = None if self.prob else self.t.numpy(force=True)
             self.no_grad = np.empty((0, self.c), dtype=np.float32 if compute == torch.float32 else np.float64)
 
     def empty(self, shape, dtype):
@@ -315,8 +315,8 @@ def _plain(input, linear_weight, target, softcap, rows) -> bool:
 def _forward_plain(input, linear_weight, target, linear_bias, weight, ignore_index, reduction, eps, z_loss, needs, want_lse):
     """:func:`forward` for the common call of :func:`_plain`: the chunk loop's one iteration, straight, for small batches."""
     be = _cpu_backend()
-    t = target.numpy()
-    w = None if weight is None else weight.detach().contiguous().numpy()
+    t = target.numpy(force=True)
+    w = None if weight is None else weight.detach().contiguous().numpy(force=True)
     denom, count = be.check_targets(t, linear_weight.shape[0], ignore_index, w)
     scale, z_scale = _scales(denom, count, reduction, z_loss)
     need_x, need_w, need_b = needs

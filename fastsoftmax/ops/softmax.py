@@ -24,7 +24,6 @@ and the gradients from the output :math:`y`:
 
 import math
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.library import custom_op
@@ -54,7 +53,7 @@ def _small_rows(kernel, inputs, log):
     cols = [t.detach().reshape(-1, n).t().contiguous() for t in inputs]
     rows = cols[0].shape[1]
     out = layout._CPU.empty((n, rows), inputs[0].dtype)
-    kernel(*(c.numpy().reshape(1, n, rows) for c in cols), out.numpy().reshape(1, n, rows), log)
+    kernel(*(c.numpy(force=True).reshape(1, n, rows) for c in cols), out.numpy().reshape(1, n, rows), log)
     return out.t().contiguous().view(inputs[0].shape)
 
 
@@ -102,12 +101,12 @@ def forward(x: Tensor, dim: int, log: bool) -> Tensor:
             be = _cpu_backend()
             if be.small_rows(x.numel() // n, n):
                 y, ya = layout._CPU.empty_array(x.shape, x.dtype)
-                be.softmax_forward_small(x.detach().numpy().reshape(-1, n), ya.reshape(-1, n), log)
+                be.softmax_forward_small(x.numpy(force=True).reshape(-1, n), ya.reshape(-1, n), log)
                 return y
             return _small_rows(be.softmax_forward_middle, [x], log)
         y = layout._CPU.empty(x.shape, x.dtype)
         if x.numel():
-            _cpu_backend().softmax_forward(x.detach().numpy().reshape(-1, n), y.numpy().reshape(-1, n), log)
+            _cpu_backend().softmax_forward(x.numpy(force=True).reshape(-1, n), y.numpy().reshape(-1, n), log)
         return y
     dev = device(x)
     be = dev.backend()
@@ -139,12 +138,12 @@ def backward(y: Tensor, dy: Tensor, dim: int, log: bool) -> Tensor:
             be = _cpu_backend()
             if be.small_rows(y.numel() // n, n):
                 dx, dxa = layout._CPU.empty_array(y.shape, y.dtype)
-                be.softmax_backward_small(y.detach().numpy().reshape(-1, n), dy.detach().numpy().reshape(-1, n), dxa.reshape(-1, n), log)
+                be.softmax_backward_small(y.numpy(force=True).reshape(-1, n), dy.numpy(force=True).reshape(-1, n), dxa.reshape(-1, n), log)
                 return dx
             return _small_rows(be.softmax_backward_middle, [y, dy], log)
         dx = layout._CPU.empty(y.shape, y.dtype)
         if y.numel():
-            rows = (t.detach().numpy().reshape(-1, n) for t in (y, dy, dx))
+            rows = (t.numpy(force=True).reshape(-1, n) for t in (y, dy, dx))
             _cpu_backend().softmax_backward(*rows, log)
         return dx
     dev = device(y)
@@ -266,47 +265,51 @@ class LogSoftmaxCore(torch.autograd.Function):
         return _function_backward(ctx, grad_output, log=True)
 
 
-def forward_book(x, log: bool) -> tuple:
-    """softmax (or log_softmax) of the book's rows: ``(output, its NumPy array)``.
+def forward_book(input, rows, log: bool):
+    """softmax (or log_softmax) of the book's rows, one call of the serial kernel of ``kernels/cpu_small.py``.
 
-    ``x``: a NumPy view of contiguous float32/64 rows ``(N, C)`` of a few
-    classes and too few for threads (checked by the caller,
-    ``fastsoftmax.functional._book_rows``): one call of the serial kernel
-    of ``kernels/cpu_small.py`` into an output made by NumPy.
+    ``rows = (address, n_rows, n_cols)`` of ``input``, contiguous CPU
+    float32/64 rows of a few classes and too few for threads (checked by the
+    caller, ``fastsoftmax.functional._book_rows``). The kernel reads and
+    writes at the tensors' addresses: no NumPy views, which cost more than
+    the kernel at this size (``kernels/pointers.py``).
     """
-    y = np.empty(x.shape, x.dtype)
-    (layout.CPU_BACKEND or layout.import_cpu_backend()).SOFTMAX_FORWARD[x.dtype](x, y, log)
-    return torch.from_numpy(y), y
+    address, n_rows, n_cols = rows
+    y = torch.empty_like(input)
+    (layout.CPU_BACKEND or layout.import_cpu_backend()).SOFTMAX_FORWARD[input.dtype](address, y.data_ptr(), n_rows, n_cols, log)
+    return y
 
 
 class BookSoftmax(torch.autograd.Function):
     """:class:`SoftmaxCore` and :class:`LogSoftmaxCore` for the book's rows, with the fewest steps.
 
-    ``apply(input, x, log)``: ``x`` is a NumPy view of ``input`` as
+    ``apply(input, rows, log)``: ``rows = (address, n_rows, n_cols)`` as
     :func:`forward_book` takes it, ``dim`` the last. Applied through
     :func:`book_apply` (no Python wrapper): at 256 x 10 each step here costs
     as much as the kernel.
     """
 
     @staticmethod
-    def forward(ctx, input, x, log):
-        y, ctx.y_array = forward_book(x, log)  # the array for the kernel of the backward: no conversion there
-        ctx.log = log
+    def forward(ctx, input, rows, log):
+        y = forward_book(input, rows, log)
+        ctx.rows, ctx.log = rows, log
         ctx.save_for_backward(y)
         return y
 
     @staticmethod
     def backward(ctx, grad_output):
         (y,) = ctx.saved_tensors  # also autograd's check that nothing wrote to y since
-        if torch.is_grad_enabled():  # create_graph=True: differentiate the backward too
+        # the engine gives grad_output y's shape, dtype and device; the kernel reads any strides of a plain tensor
+        if torch.is_grad_enabled() or not (type(grad_output) is torch.Tensor and grad_output.layout is torch.strided and not grad_output.is_neg()):
+            # create_graph=True (differentiate the backward too), or a gradient with no plain memory to read
             return backward_graph(y, grad_output, 1, ctx.log), None, None
-        if grad_output.dtype != y.dtype:
-            grad_output = grad_output.to(y.dtype)
-        ya = ctx.y_array
-        dx = np.empty(ya.shape, ya.dtype)
-        # any strides: the gradient of a sum arrives expanded from one element
-        (layout.CPU_BACKEND or layout.import_cpu_backend()).SOFTMAX_BACKWARD[ya.dtype](ya, grad_output.detach().numpy(), dx, ctx.log)
-        return torch.from_numpy(dx), None, None
+        _, n_rows, n_cols = ctx.rows
+        row_stride, col_stride = grad_output.stride()  # an expanded one from a sum: (0, 0)
+        dx = torch.empty_like(y)
+        (layout.CPU_BACKEND or layout.import_cpu_backend()).SOFTMAX_BACKWARD[y.dtype](
+            y.data_ptr(), grad_output.data_ptr(), dx.data_ptr(), n_rows, n_cols, row_stride, col_stride, ctx.log
+        )
+        return dx, None, None
 
 
 def _book_under_transforms(input, x, log):
