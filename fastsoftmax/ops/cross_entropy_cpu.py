@@ -146,7 +146,7 @@ _NO_LSE = {dtype: torch.empty(0, dtype=dtype) for dtype in _KERNEL_DTYPES}
 
 
 #: 0-d templates of the book's loss, by dtype
-_SCALARS = {dtype: torch.empty((), dtype=dtype) for dtype in (torch.float32, torch.float64)}
+SCALAR_TEMPLATES = {dtype: torch.empty((), dtype=dtype) for dtype in (torch.float32, torch.float64)}
 
 
 def forward_reduced(input, target, book: tuple, compute_grad: bool) -> tuple:
@@ -163,7 +163,7 @@ def forward_reduced(input, target, book: tuple, compute_grad: bool) -> tuple:
     at the tensors' addresses (``kernels/pointers.py``).
     """
     x, t, n_rows, n_cols, ignore_index, reduction, eps = book
-    loss = torch.empty_like(_SCALARS[input.dtype])  # a third cheaper than torch.empty((), dtype=...) with cold caches
+    loss = torch.empty_like(SCALAR_TEMPLATES[input.dtype])  # a third cheaper than torch.empty((), dtype=...) with cold caches
     grad = torch.empty_like(input) if compute_grad else None
     bad = (layout.CPU_BACKEND or layout.import_cpu_backend()).CROSS_ENTROPY_BOOK[input.dtype](
         x, t, grad.data_ptr() if compute_grad else 0, loss.data_ptr(), n_rows, n_cols, ignore_index, eps, reduction == "mean"

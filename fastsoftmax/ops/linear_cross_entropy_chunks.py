@@ -20,6 +20,7 @@ from torch import Tensor
 from ..errors import bad_target
 from ..kernels import config
 from . import cross_entropy as ce_op
+from .cross_entropy_cpu import SCALAR_TEMPLATES
 from .layout import device
 
 _NO_ROWS = np.empty(0)
@@ -315,12 +316,14 @@ def _plain(input, linear_weight, target, softcap, rows) -> bool:
 def _forward_plain(input, linear_weight, target, linear_bias, weight, ignore_index, reduction, eps, z_loss, needs, want_lse):
     """:func:`forward` for the common call of :func:`_plain`: the chunk loop's one iteration, straight, for small batches."""
     be = _cpu_backend()
+    need_x, need_w, need_b = needs
+    if weight is None and not z_loss and not want_lse and reduction != "none" and be.small_rows(*target.shape, linear_weight.shape[0]):
+        return _forward_book(be, input, linear_weight, target.resolve_neg().contiguous(), linear_bias, ignore_index, reduction, eps, needs)
     t = target.numpy(force=True)
     w = None if weight is None else weight.detach().contiguous().numpy(force=True)
     denom, count = be.check_targets(t, linear_weight.shape[0], ignore_index, w)
     scale, z_scale = _scales(denom, count, reduction, z_loss)
-    need_x, need_w, need_b = needs
-    z = torch.mm(input, linear_weight.T) if linear_bias is None else torch.addmm(linear_bias, input, linear_weight.T)
+    z = _logits(input, linear_weight, linear_bias)
     x = z.numpy()
     loss = np.empty(x.shape[0])
     lse = np.empty(x.shape[0]) if (want_lse or z_loss) else _NO_ROWS
@@ -331,10 +334,38 @@ def _forward_plain(input, linear_weight, target, linear_bias, weight, ignore_ind
     else:
         total = float(loss.sum()) if x.shape[0] else 0.0
         total = torch.scalar_tensor(total if reduction == "sum" else (total / denom if denom else math.nan), dtype=input.dtype)
+    return (total, *_gradients(z, input, linear_weight, needs), torch.from_numpy(lse).to(input.dtype) if want_lse else None)
+
+
+def _logits(input, linear_weight, linear_bias):
+    return torch.mm(input, linear_weight.T) if linear_bias is None else torch.addmm(linear_bias, input, linear_weight.T)
+
+
+def _gradients(z, input, linear_weight, needs) -> tuple:
+    """The gradients of input, weight and bias from the gradient of the logits ``z`` (held in the logits' memory)."""
+    need_x, need_w, need_b = needs
     gx = torch.mm(z, linear_weight) if need_x else None
     gw = _to_param(torch.mm(z.T, input), linear_weight) if need_w else None
     gb = z.sum(0) if need_b else None
-    return total, gx, gw, gb, (torch.from_numpy(lse).to(input.dtype) if want_lse else None)
+    return gx, gw, gb
+
+
+def _forward_book(be, input, linear_weight, target, linear_bias, ignore_index, reduction, eps, needs):
+    """:func:`_forward_plain` for the book's few rows and classes, no class weight, a mean or a sum.
+
+    The kernel of ``fastsoftmax.cross_entropy``'s book path
+    (``kernels/cpu_small.cross_entropy_book_at``: the targets checked, the loss reduced and the gradient written over
+    the logits in one serial call) instead of the threaded row kernel, whose launch costs more than the work here.
+    """
+    z = _logits(input, linear_weight, linear_bias)
+    n_rows, n_cols = z.shape
+    loss = torch.empty_like(SCALAR_TEMPLATES[z.dtype])
+    bad = be.CROSS_ENTROPY_BOOK[z.dtype](
+        z.data_ptr(), target.data_ptr(), z.data_ptr() if any(needs) else 0, loss.data_ptr(), n_rows, n_cols, ignore_index, eps, reduction == "mean"
+    )
+    if bad >= 0:
+        raise bad_target(int(target[bad]), bad, n_cols, ignore_index)
+    return (loss, *_gradients(z, input, linear_weight, needs), None)
 
 
 def backward_none(input, linear_weight, target, linear_bias, weight, ignore_index, eps, z_loss, softcap, rows, grad_output, needs):
