@@ -472,7 +472,9 @@ def linear_cross_entropy(
             "This input cannot have requires_grad True: class weights of index targets take no gradient; detach them"
         )
     want_lse = return_lse or return_z_loss
-    if lce_op.needs_logits(input, target, weight, prob, logits_shape):
+    # the logits first where the chunked path cannot take the call; under torch.func transforms too, whose wrapped
+    # tensors hold no storage for the kernels to read (cross_entropy then computes in torch's ops)
+    if _transforms_active() or lce_op.needs_logits(input, target, weight, prob, logits_shape):
         bias = None if linear_bias is None else linear_bias.reshape(-1)
         logits = torch.nn.functional.linear(input, linear_weight.reshape(-1, input.shape[-1]), bias)
         return cross_entropy(

@@ -554,3 +554,25 @@ def test_bench_linear_rows_and_worker(monkeypatch):
     measured = bench_linear.worker("fastsoftmax:1", 64, 16, 500, "float32", "cpu")
     assert measured["seconds"] > 0 and measured["peak_bytes"] >= 0
     assert config.LINEAR_CE_CHUNK_BYTES == 1 << 20  # the provider's suffix set the chunk budget
+
+
+def test_torch_func_transforms_give_torchs_results():
+    """torch.func.grad and per-sample gradients (vmap of grad) over linear_cross_entropy, as over torch's:
+    under transforms the logits are made by torch.nn.functional.linear and the loss in torch's ops."""
+    g = torch.Generator().manual_seed(41)
+    x = torch.randn(8, 5, dtype=torch.float64, generator=g)
+    W = torch.randn(4, 5, dtype=torch.float64, generator=g)
+    b = torch.randn(4, dtype=torch.float64, generator=g)
+    t = torch.tensor([0, 3, -100, 1, 2, 2, 3, 0])
+    grads = [
+        torch.func.grad(lambda W, b, f=f: f(x, W, t, linear_bias=b, label_smoothing=0.1), argnums=(0, 1))(W, b)
+        for f in (fastsoftmax.linear_cross_entropy, TF.linear_cross_entropy)
+    ]
+    for ours, theirs in zip(*grads):
+        assert_close(ours, theirs)
+    per_sample = [
+        torch.func.vmap(torch.func.grad(lambda W, xi, ti, f=f: f(xi[None], W, ti[None], reduction="sum")), in_dims=(None, 0, 0))(W, x, t)
+        for f in (fastsoftmax.linear_cross_entropy, TF.linear_cross_entropy)
+    ]
+    assert per_sample[0].shape == (8, 4, 5)
+    assert_close(per_sample[0], per_sample[1])

@@ -357,3 +357,36 @@ def test_nn_modules_keep_torch_construction():
         float(fastsoftmax.nn.CrossEntropyLoss(z_loss=0.5)(_x(4, 5), T4)),
         float(fastsoftmax.cross_entropy(_x(4, 5), T4, z_loss=0.5)),
     )
+
+
+def test_function_doors_under_torch_func_transforms():
+    """The ``*Function.apply`` doors under grad and vmap give torch's results (torch refuses Functions without
+    setup_context there; ours then compute in torch's ops, as fastsoftmax's functions do)."""
+    x = _x(6, 5, dtype=torch.float64)
+    t = torch.tensor([0, 4, -100, 1, 2, 3])
+    W = _x(5, 5, dtype=torch.float64, seed=1)
+    for door, ref in (
+        (lambda z: fastsoftmax.SoftmaxFunction.apply(z, 1), lambda z: TF.softmax(z, 1)),
+        (lambda z: fastsoftmax.LogSoftmaxFunction.apply(z, -1), lambda z: TF.log_softmax(z, -1)),
+        (
+            lambda z: fastsoftmax.CrossEntropyFunction.apply(z, t, None, -100, "mean", 0.1),
+            lambda z: TF.cross_entropy(z, t, label_smoothing=0.1),
+        ),
+        (
+            lambda z: fastsoftmax.CrossEntropyFunction.apply(z, t, None, -100, "sum", 0.0, 0.0, True)[0],
+            lambda z: TF.cross_entropy(z, t, reduction="sum"),
+        ),
+        (
+            lambda z: fastsoftmax.LinearCrossEntropyFunction.apply(z, W, t, None, None, "mean"),
+            lambda z: TF.linear_cross_entropy(z, W, t),
+        ),
+    ):
+        assert_close(torch.func.grad(lambda z: door(z).sum())(x), torch.func.grad(lambda z: ref(z).sum())(x))
+        assert_close(torch.func.vmap(door)(x[None].expand(3, 6, 5)), torch.func.vmap(ref)(x[None].expand(3, 6, 5)))
+    # outside transforms the doors are the Functions themselves
+    y = fastsoftmax.SoftmaxFunction.apply(x.clone().requires_grad_(), 1)
+    assert type(y.grad_fn).__name__ == "SoftmaxFunctionBackward"
+    _, lse = fastsoftmax.CrossEntropyFunction.apply(x, t, None, -100, "none", 0.0, 0.0, True)
+    assert_close(lse, torch.logsumexp(x, 1))
+    _, lse_t = torch.func.vmap(lambda z: fastsoftmax.CrossEntropyFunction.apply(z, t, None, -100, "none", 0.0, 0.0, True))(x[None])
+    assert_close(lse_t[0], lse)

@@ -44,7 +44,7 @@ from .cross_entropy_graph import (  # noqa: F401  (composite, lse_graph, z_term_
     lse_graph,
     z_term_graph,
 )
-from .direct import direct_apply
+from .direct import UnderTransforms, direct_apply
 from .layout import device, empty_moved, to_dtype
 
 
@@ -361,7 +361,7 @@ def _plain_under_transforms(input, target, book):
 plain_apply = direct_apply(PlainCrossEntropy, 2, _plain_under_transforms)
 
 
-class CrossEntropyFunction(CrossEntropyCore):
+class CrossEntropyFunction(UnderTransforms, CrossEntropyCore):
     """:class:`CrossEntropyCore` behind the checks of :func:`fastsoftmax.cross_entropy` (a public door).
 
     ``CrossEntropyFunction.apply(input, target, weight, ignore_index, reduction,
@@ -375,5 +375,15 @@ class CrossEntropyFunction(CrossEntropyCore):
         z = validation.as_float(z_loss, "z_loss", "cross_entropy", 7)
         args = (ignore_index, reduction, eps, z, return_lse, inplace_backward)
         return CrossEntropyCore.forward(ctx, input, target, weight, *args)
+
+    @staticmethod
+    def under_transforms(input, target, weight, ignore_index, reduction, label_smoothing, z_loss=0.0, return_lse=False, inplace_backward=False):
+        from ..functional import cross_entropy
+
+        kw = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss)
+        if not return_lse:
+            return cross_entropy(input, target, weight, **kw)
+        out = cross_entropy(input, target, weight, return_lse=True, **kw)
+        return out.loss, out.lse
 
 

@@ -93,3 +93,21 @@ def _direct_backward(cls) -> None:
 
 
 transforms_active = _INTERNALS[1] if _INTERNALS is not None else (lambda: False)
+
+
+class UnderTransforms:
+    """A public Function's ``apply`` that works under ``torch.func`` transforms, as torch's own ops do.
+
+    Under ``grad``, ``vmap``, ``jacrev``, ... the tensors are functorch
+    wrappers that hold no storage for our kernels to read, and torch refuses
+    a Function without ``setup_context`` there. ``apply`` then calls the
+    class's ``under_transforms(*args)`` instead, the same call in torch's
+    own ops (by way of :mod:`fastsoftmax.functional`, which does the same for
+    its functions); otherwise the Function's own ``apply``.
+    """
+
+    @classmethod
+    def apply(cls, *args, **kwargs):
+        if transforms_active():
+            return cls.under_transforms(*args, **kwargs)
+        return super().apply(*args, **kwargs)

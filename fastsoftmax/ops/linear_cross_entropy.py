@@ -42,6 +42,7 @@ from torch.library import custom_op
 
 from .. import validation
 from .cross_entropy_graph import z_term_graph
+from .direct import UnderTransforms
 from .layout import device
 from .linear_cross_entropy_chunks import backward_none, forward, is_prob, loss_shape
 
@@ -273,7 +274,7 @@ class LinearCrossEntropyCore(torch.autograd.Function):
         return gx, gw, None, gb, *((None,) * 8)
 
 
-class LinearCrossEntropyFunction(LinearCrossEntropyCore):
+class LinearCrossEntropyFunction(UnderTransforms, LinearCrossEntropyCore):
     """:class:`LinearCrossEntropyCore` behind the checks of :func:`fastsoftmax.linear_cross_entropy` (a public door).
 
     ``apply(input, linear_weight, target, linear_bias=None, weight=None, reduction="mean", ignore_index=None,
@@ -288,6 +289,17 @@ class LinearCrossEntropyFunction(LinearCrossEntropyCore):
         )
         args = (*checked[1:7], return_lse)
         return LinearCrossEntropyCore.forward(ctx, input, linear_weight, target, linear_bias, weight, *args)
+
+    @staticmethod
+    def under_transforms(input, linear_weight, target, linear_bias=None, weight=None, reduction="mean", ignore_index=None,
+                         label_smoothing=0.0, options=None, z_loss=0.0, softcap=None, return_lse=False):
+        from ..functional import linear_cross_entropy
+
+        out = linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, options=options, z_loss=z_loss, softcap=softcap, return_lse=return_lse,
+        )
+        return (out.loss, out.lse) if return_lse else out
 
 
 _WRT = ("input", "linear_weight", "linear_bias")

@@ -31,7 +31,7 @@ from torch.library import custom_op
 from .. import validation
 from ..kernels import config
 from . import layout
-from .direct import direct_apply
+from .direct import UnderTransforms, direct_apply
 from .layout import as_rows, device, rows_last, to_dtype
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
@@ -320,7 +320,7 @@ def _book_under_transforms(input, x, log):
 book_apply = direct_apply(BookSoftmax, 1, _book_under_transforms)
 
 
-class SoftmaxFunction(SoftmaxCore):
+class SoftmaxFunction(UnderTransforms, SoftmaxCore):
     r"""Softmax along ``dim``: :math:`y_j = e^{x_j - m} / \sum_k e^{x_k - m}`, :math:`m = \max_k x_k`.
 
     ``SoftmaxFunction.apply(input, dim)`` checks its arguments as
@@ -334,8 +334,12 @@ class SoftmaxFunction(SoftmaxCore):
     def forward(ctx, input, dim):
         return _function_forward(ctx, input, _check(input, dim, "softmax"), log=False)
 
+    @staticmethod
+    def under_transforms(input, dim):
+        return torch.softmax(input, _check(input, dim, "softmax"))
 
-class LogSoftmaxFunction(LogSoftmaxCore):
+
+class LogSoftmaxFunction(UnderTransforms, LogSoftmaxCore):
     r"""Log-softmax along ``dim``: :math:`y_j = (x_j - m) - \log \sum_k e^{x_k - m}`.
 
     ``LogSoftmaxFunction.apply(input, dim)`` checks its arguments as
@@ -347,3 +351,7 @@ class LogSoftmaxFunction(LogSoftmaxCore):
     @staticmethod
     def forward(ctx, input, dim):
         return _function_forward(ctx, input, _check(input, dim, "log_softmax"), log=True)
+
+    @staticmethod
+    def under_transforms(input, dim):
+        return torch.log_softmax(input, _check(input, dim, "log_softmax"))
