@@ -18,14 +18,11 @@ The numerics. With :math:`m = \max_j x_j` and :math:`s = \sum_j e^{x_j - m}`
 
 from typing import NamedTuple, Optional
 
-import numpy as np
 import torch
 
-from . import validation
-from .kernels import config
+from . import paths, validation
 from .ops import cross_entropy as ce_op
 from .ops import cross_entropy_cpu as ce_cpu
-from .ops import direct
 from .ops import softmax as softmax_op
 
 __all__ = ["softmax", "log_softmax", "softmin", "cross_entropy", "CrossEntropyOutput", "linear_cross_entropy"]
@@ -33,74 +30,14 @@ __all__ = ["softmax", "log_softmax", "softmin", "cross_entropy", "CrossEntropyOu
 _KERNEL_NAMES = {False: "softmax", True: "log_softmax"}
 
 
-_PLAIN_DTYPES = (torch.float32, torch.float64)
-_PLAIN_REDUCTIONS = frozenset(validation.REDUCTIONS)
-_F32, _F64, _I64 = (np.dtype(t) for t in (np.float32, np.float64, np.int64))
-_T32, _T64, _TI64 = torch.float32, torch.float64, torch.int64
-_is_compiling = torch.compiler.is_compiling
-_transforms_active = direct.transforms_active
-
-
-def _plain_softmax(input, dim, dtype) -> bool:
-    """Whether a call is the common case that needs no conversion: a dense CPU float32/64 tensor, an int ``dim`` in range.
-
-    Every argument check of the full path would pass for it, so it skips them
-    (on rows of a few classes the checks cost more than the kernel).
-    """
-    return (
-        dtype is None
-        and type(input) is torch.Tensor
-        and type(dim) is int
-        and input.dtype in _PLAIN_DTYPES
-        and input.is_cpu
-        and input.layout is torch.strided
-        and -input.ndim <= dim < input.ndim
-    )
-
-
-def _book_rows(input, dim):
-    """``(address, n_rows, n_cols)`` of the book's softmax input, or None: contiguous CPU float32/64 rows, ``dim`` the last.
-
-    Rows of at most ``config.CPU_SMALL_CLASSES`` classes and fewer than
-    ``config.CPU_PARALLEL_MIN_ELEMENTS`` elements, which the one-call
-    kernels of ``kernels/cpu_small.py`` take at their address. At 256 x 10
-    with the caches as cold as a training step leaves them each Python call
-    here costs about a microsecond, and a NumPy view 15: so the tensor's own
-    properties, read once. Not taken while torch.compile traces (the
-    kernel is opaque to it), for a negative view (its memory holds the
-    values negated), or for a tensor with no plain memory to read (nested,
-    a functorch wrapper: ``shape`` or ``data_ptr`` raises).
-    """
-    if not (
-        type(input) is torch.Tensor
-        and (dim == -1 or dim == 1)
-        and not _is_compiling()
-        and (input.dtype is _T32 or input.dtype is _T64)
-        and input.is_cpu
-        and input.layout is torch.strided
-        and input.dim() == 2
-        and input.is_contiguous()
-        and not input.is_neg()
-    ):
-        return None
-    try:
-        n_rows, n_cols = input.shape
-        address = input.data_ptr()
-    except RuntimeError:
-        return None
-    if 0 < n_cols <= config.CPU_SMALL_CLASSES and 0 < n_rows * n_cols < config.CPU_PARALLEL_MIN_ELEMENTS:
-        return address, n_rows, n_cols
-    return None
-
-
 def _softmax(input, dim, stacklevel, dtype, log: bool, name: str):
     if dtype is None and type(dim) is int:
-        rows = _book_rows(input, dim)
+        rows = paths.book_rows(input, dim)
         if rows is not None:
             if input.requires_grad and torch.is_grad_enabled():
                 return softmax_op.book_apply(input, rows, log)
             return softmax_op.forward_book(input, rows, log)
-    if _plain_softmax(input, dim, dtype) and not _is_compiling() and not _transforms_active():
+    if paths.plain_softmax(input, dim, dtype) and paths.plain_call():
         dim %= input.ndim
         if input.requires_grad and torch.is_grad_enabled():
             return (softmax_op.LogSoftmaxCore if log else softmax_op.SoftmaxCore).apply(input, dim)
@@ -119,11 +56,11 @@ def _softmax(input, dim, stacklevel, dtype, log: bool, name: str):
             return torch.empty(input.shape, dtype=input.dtype, device=input.device)  # torch returns it too
         kernel = _KERNEL_NAMES[log] + ("_lastdim_kernel_impl" if dim == input.ndim - 1 or input.ndim <= 1 else "_kernel_impl")
         validation.check_float_input(input, kernel)
-    if _transforms_active():
+    if paths.torch_ops_only():
         # torch.func transforms (vmap, grad, ...): their wrapped tensors hold no storage for our kernels to
-        # read, and they need ops with batching rules and derivatives: torch's own
+        # read, and they need ops with batching rules and derivatives (forward AD: a jvp): torch's own
         return (torch.log_softmax if log else torch.softmax)(input, dim)
-    if input.device.type == "meta" or torch.compiler.is_compiling():
+    if input.device.type == "meta" or paths.recorded():
         return (softmax_op.log_softmax_op if log else softmax_op.softmax_op)(input, dim)
     if not (input.requires_grad and torch.is_grad_enabled()):
         return softmax_op.forward(input, dim, log)  # no graph to record: skip autograd.Function's cost
@@ -246,13 +183,13 @@ def cross_entropy(
         and not (z_loss or return_lse or return_z_loss or inplace_backward)
         and softcap is None
     ):
-        compiling = _is_compiling()
-        book = None if compiling else _book_arrays(input, target, ignore_index, reduction, label_smoothing)
+        plain = paths.plain_call()
+        book = paths.book_arrays(input, target, ignore_index, reduction, label_smoothing) if plain else None
         if book is not None:
             if input.requires_grad and torch.is_grad_enabled():
                 return ce_op.plain_apply(input, target, book)
             return ce_cpu.forward_reduced(input, target, book, False)[0]
-        if not compiling and _plain_cross_entropy(input, target, ignore_index, reduction, label_smoothing) and not _transforms_active():
+        if plain and paths.plain_cross_entropy(input, target, ignore_index, reduction, label_smoothing):
             if input.requires_grad and torch.is_grad_enabled():
                 return ce_op.CrossEntropyCore.apply(input, target, None, ignore_index, reduction, label_smoothing)
             return ce_op.forward(input, target, None, ignore_index, reduction, label_smoothing, False)[0]
@@ -276,9 +213,9 @@ def cross_entropy(
     want_lse = return_lse
     extras = return_lse or return_z_loss
     composite = grad_mode and (target.requires_grad or (weight is not None and weight.requires_grad))
-    if _transforms_active():  # torch.func transforms: in torch's ops (see _softmax)
+    if paths.torch_ops_only():  # torch.func transforms, forward AD: in torch's ops (see _softmax)
         loss, lse = _cross_entropy_torch_ops(input, target, weight, ignore_index, reduction, eps, z, want_lse or return_z_loss, prob)
-    elif composite or input.device.type == "meta" or torch.compiler.is_compiling():
+    elif composite or input.device.type == "meta" or paths.recorded():
         loss, lse = _cross_entropy_op_path(input, target, weight, ignore_index, reduction, eps, z, want_lse or return_z_loss, composite)
     elif not (grad_mode and input.requires_grad):
         loss, _, lse = ce_op.forward(input, target, weight, ignore_index, reduction, eps, False, z, want_lse or return_z_loss)
@@ -290,83 +227,6 @@ def cross_entropy(
         return loss
     z_value = _z_value(lse, target, ignore_index, prob, z, reduction, dtype) if return_z_loss else None
     return CrossEntropyOutput(loss, z_value, lse if return_lse else None)
-
-
-def _book_arrays(input, target, ignore_index, reduction, label_smoothing):
-    """The book's call as its kernel takes it, ``(x, t, n_rows, n_cols, ignore_index, reduction, label_smoothing)``, or None.
-
-    ``x`` and ``t`` are the addresses of the logits and the targets.
-
-    The book's call: CPU float32/64 logits ``(N, C)``, contiguous, of at most
-    ``config.CPU_SMALL_CLASSES`` classes and fewer than
-    ``config.CPU_PARALLEL_MIN_ELEMENTS`` elements, contiguous CPU int64
-    targets ``(N,)``, a mean or a sum, plain options: every check of
-    :func:`validation.check_cross_entropy` would pass, and
-    :class:`.ops.cross_entropy.PlainCrossEntropy` takes it. Each Python call
-    or property read here costs about a microsecond with the caches as cold
-    as a training step leaves them (a NumPy view 15: see :func:`_book_rows`);
-    so one function. Not for negative views (their memory holds the values
-    negated) nor tensors with no plain memory (``shape`` or ``data_ptr``
-    raises).
-    """
-    if not (
-        type(input) is torch.Tensor
-        and type(target) is torch.Tensor
-        and type(reduction) is str
-        and (reduction == "mean" or reduction == "sum")
-        and type(ignore_index) is int
-        and type(label_smoothing) is float
-        and 0.0 <= label_smoothing <= 1.0
-        and -(2**63) <= ignore_index < 2**63
-        and (input.dtype is _T32 or input.dtype is _T64)
-        and target.dtype is _TI64
-        and input.is_cpu
-        and target.is_cpu
-        and input.layout is torch.strided
-        and target.layout is torch.strided
-        and input.dim() == 2
-        and target.dim() == 1
-        and input.is_contiguous()
-        and target.is_contiguous()
-        and not (input.is_neg() or target.is_neg())
-    ):
-        return None
-    try:
-        n_rows, n_cols = input.shape
-        x, t = input.data_ptr(), target.data_ptr()
-    except RuntimeError:
-        return None
-    if target.shape[0] == n_rows and 0 < n_cols <= config.CPU_SMALL_CLASSES and n_rows * n_cols < config.CPU_PARALLEL_MIN_ELEMENTS:
-        return x, t, n_rows, n_cols, ignore_index, reduction, label_smoothing
-    return None
-
-
-def _plain_cross_entropy(input, target, ignore_index, reduction, label_smoothing) -> bool:
-    """Whether a call is the common case: CPU float32/64 logits ``(N, C)``, int64 targets ``(N,)``, plain options.
-
-    Every check of :func:`validation.check_cross_entropy` would pass for it
-    (at the book's 256 x 10 the checks cost as much as the kernel).
-    """
-    return (
-        type(input) is torch.Tensor
-        and type(target) is torch.Tensor
-        and input.ndim == 2
-        and target.ndim == 1
-        and input.dtype in _PLAIN_DTYPES
-        and target.dtype is torch.int64
-        and input.is_cpu
-        and target.is_cpu
-        and input.layout is torch.strided
-        and target.layout is torch.strided
-        and target.shape[0] == input.shape[0]
-        and input.shape[1] > 0
-        and type(ignore_index) is int
-        and -(2**63) <= ignore_index < 2**63
-        and type(label_smoothing) is float
-        and 0.0 <= label_smoothing <= 1.0
-        and type(reduction) is str
-        and reduction in _PLAIN_REDUCTIONS
-    )
 
 
 def _cross_entropy_op_path(input, target, weight, ignore_index, reduction, eps, z, want_lse, composite):
@@ -474,7 +334,7 @@ def linear_cross_entropy(
     want_lse = return_lse or return_z_loss
     # the logits first where the chunked path cannot take the call; under torch.func transforms too, whose wrapped
     # tensors hold no storage for the kernels to read (cross_entropy then computes in torch's ops)
-    if _transforms_active() or lce_op.needs_logits(input, target, weight, prob, logits_shape):
+    if paths.torch_ops_only() or lce_op.needs_logits(input, target, weight, prob, logits_shape):
         bias = None if linear_bias is None else linear_bias.reshape(-1)
         logits = torch.nn.functional.linear(input, linear_weight.reshape(-1, input.shape[-1]), bias)
         return cross_entropy(
@@ -484,7 +344,7 @@ def linear_cross_entropy(
     needs = (input.requires_grad, linear_weight.requires_grad, linear_bias is not None and linear_bias.requires_grad)
     needs = needs if grad_mode else (False, False, False)
     args = (input, linear_weight, target, linear_bias, weight, ignore_index, reduction, eps, z, cap, rows)
-    if input.device.type == "meta" or torch.compiler.is_compiling():
+    if input.device.type == "meta" or paths.recorded():
         loss, _, _, _, lse = lce_op.linear_cross_entropy_op(*args, *needs, want_lse)
     elif not any(needs):
         loss, _, _, _, lse = lce_op.forward(*args, want_lse=want_lse)

@@ -230,11 +230,11 @@ def _book_call(dtype=torch.float32, n=256, c=10, seed=3):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.3])
 def test_book_call_takes_the_reduced_kernel_and_matches_torch(dtype, reduction, smoothing, monkeypatch):
-    from fastsoftmax import functional
+    from fastsoftmax import paths
     from fastsoftmax.ops import cross_entropy_cpu
 
     x, t = _book_call(dtype)
-    assert functional._book_arrays(x, t, -100, reduction, smoothing) is not None
+    assert paths.book_arrays(x, t, -100, reduction, smoothing) is not None
     calls = []
     original = cross_entropy_cpu.forward_reduced
     monkeypatch.setattr(cross_entropy_cpu, "forward_reduced", lambda *a: calls.append(a) or original(*a))
@@ -286,11 +286,11 @@ def test_book_call_backward_scales_retains_and_differentiates_twice():
 
 def test_book_call_reads_at_the_right_addresses_or_not_at_all():
     """The book's kernel reads the logits and targets at their addresses: offsets, negative views, nested tensors."""
-    from fastsoftmax import functional
+    from fastsoftmax import paths
 
     x, t = _book_call(torch.float32, n=40)
     xs, ts = x[5:], t[5:]  # contiguous, 50 and 5 elements into their storage
-    assert functional._book_arrays(xs, ts, -100, "mean", 0.0) is not None
+    assert paths.book_arrays(xs, ts, -100, "mean", 0.0) is not None
     xa = xs.clone().requires_grad_()
     loss, dx = _run(fastsoftmax.cross_entropy, xs, ts)
     ref_loss, ref_dx = _run(TF.cross_entropy, xs.double(), ts)
@@ -299,13 +299,13 @@ def test_book_call_reads_at_the_right_addresses_or_not_at_all():
     del xa
     # negative views hold the values negated in memory: not the book's path, and torch's values
     for logits, targets in ((torch._neg_view(x), t), (x, torch._neg_view(-t))):
-        assert functional._book_arrays(logits, targets, -100, "mean", 0.0) is None
+        assert paths.book_arrays(logits, targets, -100, "mean", 0.0) is None
         assert_close(fastsoftmax.cross_entropy(logits, targets), TF.cross_entropy(logits.double(), targets.resolve_neg()), torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's "prototype stage" note on strided nested tensors
         nested = torch.nested.nested_tensor([randn(10, seed=32), randn(10, seed=33)])
-    assert functional._book_arrays(nested, t[:2], -100, "mean", 0.0) is None
-    assert functional._book_arrays(x, t.view(1, -1), -100, "mean", 0.0) is None  # targets (1, N) against rows (N, C)
+    assert paths.book_arrays(nested, t[:2], -100, "mean", 0.0) is None
+    assert paths.book_arrays(x, t.view(1, -1), -100, "mean", 0.0) is None  # targets (1, N) against rows (N, C)
 
 
 def test_book_call_errors_and_nan_as_torch():

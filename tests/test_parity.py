@@ -390,3 +390,85 @@ def test_function_doors_under_torch_func_transforms():
     assert_close(lse, torch.logsumexp(x, 1))
     _, lse_t = torch.func.vmap(lambda z: fastsoftmax.CrossEntropyFunction.apply(z, t, None, -100, "none", 0.0, 0.0, True))(x[None])
     assert_close(lse_t[0], lse)
+
+
+ZERO = torch._efficientzerotensor  # autograd's zeros with no memory (data_ptr 0)
+
+
+@pytest.mark.parametrize("shape", [(8, 5), (40, 300)], ids=["book", "long rows"])
+def test_tensors_without_memory_as_torch(shape):
+    """Efficient zero tensors (inputs, targets, gradients) and functionalize's wrappers: torch's results, no crash."""
+    n, c = shape
+    t = torch.arange(n) % c
+    x = _x(n, c)
+    for F in (fastsoftmax,):
+        _compare(F.softmax(ZERO(shape), -1), TF.softmax(torch.zeros(shape), -1))
+        _compare(F.cross_entropy(x, ZERO((n,), dtype=torch.long)), TF.cross_entropy(x, torch.zeros(n, dtype=torch.long)))
+        for op, ref in ((F.softmax, TF.softmax), (F.log_softmax, TF.log_softmax)):
+            grads = []
+            for f in (op, ref):
+                leaf = x.clone().requires_grad_()
+                y = f(leaf, -1)
+                y.register_hook(lambda g: ZERO(g.shape))
+                y.sum().backward()
+                grads.append(leaf.grad)
+            _compare(grads[0], grads[1])
+        W = _x(c, 7, seed=2)
+        xi = _x(n, 7, seed=3)
+        _compare(F.linear_cross_entropy(xi, W, ZERO((n,), dtype=torch.long)), TF.linear_cross_entropy(xi, W, torch.zeros(n, dtype=torch.long)))
+    for ours, theirs in (
+        (lambda a: fastsoftmax.softmax(a, -1), lambda a: TF.softmax(a, -1)),
+        (lambda a: fastsoftmax.cross_entropy(a, t), lambda a: TF.cross_entropy(a, t)),
+        (lambda a: fastsoftmax.linear_cross_entropy(a, _x(4, c, seed=5), t % 4), lambda a: TF.linear_cross_entropy(a, _x(4, c, seed=5), t % 4)),
+    ):
+        _compare(torch.func.functionalize(ours)(x), theirs(x))
+
+
+def test_tracers_record_our_ops_and_fake_tensors_stay_fake():
+    """torch.jit.trace, make_fx and FakeTensorMode see the registered torch.ops.fastsoftmax ops: a traced graph
+    recomputes on new inputs, fake inputs give fake results of torch's shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, x2 = _x(8, 5), _x(8, 5, seed=9)
+    t = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    for ours, theirs in (
+        (lambda a: fastsoftmax.softmax(a, -1), lambda a: TF.softmax(a, -1)),
+        (lambda a: fastsoftmax.log_softmax(a, 1), lambda a: TF.log_softmax(a, 1)),
+        (lambda a: fastsoftmax.cross_entropy(a, t), lambda a: TF.cross_entropy(a, t)),
+    ):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(ours, (x,), check_trace=False)
+        _compare(traced(x2), theirs(x2))
+        gm = make_fx(ours)(x)
+        assert "fastsoftmax" in gm.code
+        _compare(gm(x2), theirs(x2))
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            out = ours(x)
+            ref = theirs(x)
+        assert type(out) is type(ref) and out.shape == ref.shape and out.dtype == ref.dtype
+    W = _x(5, 5, seed=4)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        out = fastsoftmax.linear_cross_entropy(x, W, t)
+    assert out.shape == () and type(out).__name__ == "FakeTensor"
+
+
+def test_forward_mode_ad_as_torch():
+    import torch.autograd.forward_ad as fwAD
+
+    x, v = _x(8, 5), _x(8, 5, seed=1)
+    t = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    for ours, theirs in (
+        (lambda a: fastsoftmax.softmax(a, -1), lambda a: TF.softmax(a, -1)),
+        (lambda a: fastsoftmax.log_softmax(a, 1), lambda a: TF.log_softmax(a, 1)),
+        (lambda a: fastsoftmax.cross_entropy(a, t, label_smoothing=0.1), lambda a: TF.cross_entropy(a, t, label_smoothing=0.1)),
+        (lambda a: fastsoftmax.linear_cross_entropy(a, x[:4], t % 4), lambda a: TF.linear_cross_entropy(a, x[:4], t % 4)),
+    ):
+        tangents = []
+        for f in (ours, theirs):
+            with fwAD.dual_level():
+                out = fwAD.unpack_dual(f(fwAD.make_dual(x, v)))
+                assert out.tangent is not None
+                tangents.append(out.tangent)
+        _compare(tangents[0], tangents[1])

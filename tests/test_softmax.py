@@ -163,22 +163,22 @@ def test_large_output_comes_from_pool_and_is_reused():
 @pytest.mark.parametrize("op,ref", OPS, ids=OP_IDS)
 def test_book_rows_read_at_the_right_address_or_not_at_all(op, ref):
     """The book's kernels read a tensor at its address: offsets, negative views, nested tensors and odd gradients."""
-    from fastsoftmax import functional
+    from fastsoftmax import paths
 
     base = randn(40, 10, seed=31)
     # a slice from row 3: contiguous, its memory starts 30 elements into the storage
     x = base[3:]
-    assert x.storage_offset() == 30 and functional._book_rows(x, -1) is not None
+    assert x.storage_offset() == 30 and paths.book_rows(x, -1) is not None
     assert_close(op(x, -1), ref(x.double(), -1), torch.float32)
     # a negative view holds the values negated in memory: not the book's path, and torch's values
     neg = torch._neg_view(base)
-    assert neg.is_neg() and functional._book_rows(neg, -1) is None
+    assert neg.is_neg() and paths.book_rows(neg, -1) is None
     assert_close(op(neg, -1), ref(-base.double(), -1), torch.float32)
     # a nested tensor of vectors is 2-D and contiguous, but has no plain rows
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's "prototype stage" note on strided nested tensors
         nested = torch.nested.nested_tensor([randn(10, seed=32), randn(10, seed=33)])
-    assert functional._book_rows(nested, -1) is None
+    assert paths.book_rows(nested, -1) is None
     # gradients of any strides, negated in memory, or a subclass: the same as torch's
     xg = base.clone().requires_grad_()
     y, y64 = op(xg, -1), ref(base.double(), -1)

@@ -324,7 +324,7 @@ class PlainCrossEntropy(torch.autograd.Function):
     addresses of ``input`` and ``target``, which are contiguous CPU
     float32/64 logits ``(N, C)`` of a few classes and rows and int64
     targets ``(N,)``; no weight, a mean or a sum; all checked by the caller
-    (``fastsoftmax.functional._book_arrays``).
+    (``fastsoftmax.paths.book_arrays``).
     One kernel call checks the targets, computes the loss and its gradient
     and reduces the loss (:func:`.cross_entropy_cpu.forward_reduced`); the
     backward hands the gradient over (or scales it), as

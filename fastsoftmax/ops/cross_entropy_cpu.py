@@ -22,7 +22,7 @@ from torch import Tensor
 from ..errors import bad_target
 from ..kernels import config
 from . import layout
-from .layout import as_rows, device, rows_last, to_dtype
+from .layout import as_rows, device, numpy_of, rows_last, to_dtype
 
 
 def is_prob_target(input: Tensor, target: Tensor) -> bool:
@@ -117,12 +117,12 @@ def _forward_rows(input, target, ignore_index, reduction, eps, compute_grad):
     """
     be = device(input).backend()
     n_rows, n_classes = input.shape
-    t = np.ascontiguousarray(target.numpy(force=True))  # a strided target (t[::2]) copied: the kernels view it as (1, N)
+    t = np.ascontiguousarray(numpy_of(target))  # a strided target (t[::2]) copied: the kernels view it as (1, N)
     loss = np.empty(n_rows)
     if be.small_rows(n_rows, n_classes):
         # a few classes and rows: one serial call checks the targets, transposes and runs the middle-axis kernel
         grad, grad_array = layout._CPU.empty_array(input.shape if compute_grad else (0, n_classes), input.dtype)
-        denom = be.cross_entropy_small(input.numpy(force=True), t, ignore_index, eps, reduction, loss, grad_array)
+        denom = be.cross_entropy_small(numpy_of(input), t, ignore_index, eps, reduction, loss, grad_array)
         return _reduce(loss, None, None, 0.0, reduction, denom, 0, input.dtype), (grad if compute_grad else grad.view(0)), _NO_LSE[input.dtype]
     denom, count = be.check_targets(t, n_classes, ignore_index, None)
     scale, _ = be.scales(denom, count, reduction, 0.0)
@@ -131,12 +131,12 @@ def _forward_rows(input, target, ignore_index, reduction, eps, compute_grad):
         # (the row kernel would compute each row's few exponentials one at a time)
         x3 = input.detach().t().contiguous().view(1, n_classes, n_rows)
         g3 = layout._CPU.empty((1, n_classes, n_rows) if compute_grad else (0, n_classes, n_rows), input.dtype)
-        args = (x3.numpy(force=True), t.reshape(1, n_rows), None, ignore_index, eps, scale, 0.0)
+        args = (numpy_of(x3), t.reshape(1, n_rows), None, ignore_index, eps, scale, 0.0)
         be.cross_entropy_index_middle(*args, loss.reshape(1, n_rows), _empty_of(torch.float64, 2), g3.numpy())
         grad = g3.view(n_classes, n_rows).t() if compute_grad else g3.view(0)
     else:
         grad = layout._CPU.empty(input.shape if compute_grad else (0, n_classes), input.dtype)
-        args = (input.numpy(force=True), t, None, ignore_index, eps, scale, 0.0, loss)
+        args = (numpy_of(input), t, None, ignore_index, eps, scale, 0.0, loss)
         be.cross_entropy_index(*args, _empty_of(torch.float64), grad.numpy())
         grad = grad if compute_grad else grad.view(0)
     return _reduce(loss, None, None, 0.0, reduction, denom, 0, input.dtype), grad, _NO_LSE[input.dtype]
@@ -157,7 +157,7 @@ def forward_reduced(input, target, book: tuple, compute_grad: bool) -> tuple:
     at most ``config.CPU_SMALL_CLASSES`` classes and fewer than
     ``config.CPU_PARALLEL_MIN_ELEMENTS`` elements, and of ``target``,
     contiguous int64 ``(N,)``; no weight; a mean or a sum (checked by the
-    caller: ``fastsoftmax.functional._book_arrays``). ``grad`` is the
+    caller: ``fastsoftmax.paths.book_arrays``). ``grad`` is the
     gradient for a unit grad_output (None unless ``compute_grad``). The same
     kernels and bits as :func:`_forward_rows`; the kernel reads and writes
     at the tensors' addresses (``kernels/pointers.py``).

@@ -51,6 +51,19 @@ def import_cpu_backend():
 CPU_BACKEND = None
 
 
+def numpy_of(t: torch.Tensor) -> np.ndarray:
+    """A NumPy array of a CPU tensor's values, to read: its memory, shared, wherever the memory holds the values.
+
+    A negative view (``torch._neg_view``: its memory holds the values
+    negated) and an efficient zero tensor (autograd's ``_efficientzerotensor``:
+    no memory at all, ``data_ptr()`` 0) are copied first. Outputs are
+    written through ``.numpy()`` of fresh tensors, never through this.
+    """
+    if t._is_zerotensor():
+        return torch.zeros(t.shape, dtype=t.dtype).numpy()
+    return t.numpy(force=True)
+
+
 class _CPU:
     name = "cpu"
 
@@ -80,8 +93,8 @@ class _CPU:
 
     @staticmethod
     def array(t: torch.Tensor):
-        """The NumPy view the CPU backend takes (shares memory; a copy of a negative view, whose memory holds the values negated)."""
-        return t.numpy(force=True)
+        """The NumPy view the CPU backend takes (shares memory; see :func:`numpy_of` for the tensors it copies)."""
+        return numpy_of(t)
 
     @staticmethod
     def middle_shape(x: torch.Tensor, dim: int):
@@ -137,6 +150,8 @@ class _CUDA:
         from numba import cuda
 
         t = t.detach().resolve_neg()  # a negative view holds its values negated in memory
+        if t._is_zerotensor():  # an efficient zero tensor has no memory (data_ptr 0)
+            t = torch.zeros(t.shape, dtype=t.dtype, device=t.device)
         if t.dtype == torch.bfloat16:
             t = t.view(torch.uint16)
         with torch.cuda.device(t.device):

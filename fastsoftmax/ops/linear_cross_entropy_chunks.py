@@ -21,7 +21,7 @@ from ..errors import bad_target
 from ..kernels import config
 from . import cross_entropy as ce_op
 from .cross_entropy_cpu import SCALAR_TEMPLATES
-from .layout import device
+from .layout import device, numpy_of
 
 _NO_ROWS = np.empty(0)
 
@@ -80,8 +80,8 @@ class _Problem:
         self.rows = min(self.n, rows) if rows > 0 else chunk_rows(self.n, self.v, compute.itemsize, buffers)
         if not self.generic:
             self.be = self.dev.backend()
-            self.w_np = None if weight is None else weight.detach().to(compute).contiguous().numpy(force=True)
-            self.t_np = None if self.prob else self.t.numpy(force=True)
+            self.w_np = None if weight is None else numpy_of(weight.detach().to(compute).contiguous())
+            self.t_np = None if self.prob else numpy_of(self.t)
             self.no_grad = np.empty((0, self.c), dtype=np.float32 if compute == torch.float32 else np.float64)
 
     def empty(self, shape, dtype):
@@ -317,10 +317,15 @@ def _forward_plain(input, linear_weight, target, linear_bias, weight, ignore_ind
     """:func:`forward` for the common call of :func:`_plain`: the chunk loop's one iteration, straight, for small batches."""
     be = _cpu_backend()
     need_x, need_w, need_b = needs
-    if weight is None and not z_loss and not want_lse and reduction != "none" and be.small_rows(*target.shape, linear_weight.shape[0]):
+    if (
+        weight is None
+        and not (z_loss or want_lse or target._is_zerotensor())
+        and reduction != "none"
+        and be.small_rows(*target.shape, linear_weight.shape[0])
+    ):
         return _forward_book(be, input, linear_weight, target.resolve_neg().contiguous(), linear_bias, ignore_index, reduction, eps, needs)
-    t = target.numpy(force=True)
-    w = None if weight is None else weight.detach().contiguous().numpy(force=True)
+    t = numpy_of(target)
+    w = None if weight is None else numpy_of(weight.detach().contiguous())
     denom, count = be.check_targets(t, linear_weight.shape[0], ignore_index, w)
     scale, z_scale = _scales(denom, count, reduction, z_loss)
     z = _logits(input, linear_weight, linear_bias)
@@ -360,6 +365,11 @@ def _forward_book(be, input, linear_weight, target, linear_bias, ignore_index, r
     z = _logits(input, linear_weight, linear_bias)
     n_rows, n_cols = z.shape
     loss = torch.empty_like(SCALAR_TEMPLATES[z.dtype])
+    if not (z.data_ptr() and loss.data_ptr() and target.data_ptr()):  # fake tensors (FakeTensorMode) have no memory
+        raise RuntimeError(
+            "fastsoftmax: linear_cross_entropy's CPU kernels need tensors with memory; under a dispatch mode "
+            "(FakeTensorMode, make_fx) call fastsoftmax.linear_cross_entropy or torch.ops.fastsoftmax.linear_cross_entropy"
+        )
     bad = be.CROSS_ENTROPY_BOOK[z.dtype](
         z.data_ptr(), target.data_ptr(), z.data_ptr() if any(needs) else 0, loss.data_ptr(), n_rows, n_cols, ignore_index, eps, reduction == "mean"
     )

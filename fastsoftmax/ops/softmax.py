@@ -32,7 +32,7 @@ from .. import validation
 from ..kernels import config
 from . import layout
 from .direct import UnderTransforms, direct_apply
-from .layout import as_rows, device, rows_last, to_dtype
+from .layout import as_rows, device, numpy_of, rows_last, to_dtype
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 
@@ -53,7 +53,7 @@ def _small_rows(kernel, inputs, log):
     cols = [t.detach().reshape(-1, n).t().contiguous() for t in inputs]
     rows = cols[0].shape[1]
     out = layout._CPU.empty((n, rows), inputs[0].dtype)
-    kernel(*(c.numpy(force=True).reshape(1, n, rows) for c in cols), out.numpy().reshape(1, n, rows), log)
+    kernel(*(numpy_of(c).reshape(1, n, rows) for c in cols), out.numpy().reshape(1, n, rows), log)
     return out.t().contiguous().view(inputs[0].shape)
 
 
@@ -101,12 +101,12 @@ def forward(x: Tensor, dim: int, log: bool) -> Tensor:
             be = _cpu_backend()
             if be.small_rows(x.numel() // n, n):
                 y, ya = layout._CPU.empty_array(x.shape, x.dtype)
-                be.softmax_forward_small(x.numpy(force=True).reshape(-1, n), ya.reshape(-1, n), log)
+                be.softmax_forward_small(numpy_of(x).reshape(-1, n), ya.reshape(-1, n), log)
                 return y
             return _small_rows(be.softmax_forward_middle, [x], log)
         y = layout._CPU.empty(x.shape, x.dtype)
         if x.numel():
-            _cpu_backend().softmax_forward(x.numpy(force=True).reshape(-1, n), y.numpy().reshape(-1, n), log)
+            _cpu_backend().softmax_forward(numpy_of(x).reshape(-1, n), y.numpy().reshape(-1, n), log)
         return y
     dev = device(x)
     be = dev.backend()
@@ -138,13 +138,12 @@ def backward(y: Tensor, dy: Tensor, dim: int, log: bool) -> Tensor:
             be = _cpu_backend()
             if be.small_rows(y.numel() // n, n):
                 dx, dxa = layout._CPU.empty_array(y.shape, y.dtype)
-                be.softmax_backward_small(y.numpy(force=True).reshape(-1, n), dy.numpy(force=True).reshape(-1, n), dxa.reshape(-1, n), log)
+                be.softmax_backward_small(numpy_of(y).reshape(-1, n), numpy_of(dy).reshape(-1, n), dxa.reshape(-1, n), log)
                 return dx
             return _small_rows(be.softmax_backward_middle, [y, dy], log)
         dx = layout._CPU.empty(y.shape, y.dtype)
         if y.numel():
-            rows = (t.numpy(force=True).reshape(-1, n) for t in (y, dy, dx))
-            _cpu_backend().softmax_backward(*rows, log)
+            _cpu_backend().softmax_backward(numpy_of(y).reshape(-1, n), numpy_of(dy).reshape(-1, n), dx.numpy().reshape(-1, n), log)
         return dx
     dev = device(y)
     be = dev.backend()
@@ -270,7 +269,7 @@ def forward_book(input, rows, log: bool):
 
     ``rows = (address, n_rows, n_cols)`` of ``input``, contiguous CPU
     float32/64 rows of a few classes and too few for threads (checked by the
-    caller, ``fastsoftmax.functional._book_rows``). The kernel reads and
+    caller, ``fastsoftmax.paths.book_rows``). The kernel reads and
     writes at the tensors' addresses: no NumPy views, which cost more than
     the kernel at this size (``kernels/pointers.py``).
     """
@@ -300,14 +299,19 @@ class BookSoftmax(torch.autograd.Function):
     def backward(ctx, grad_output):
         (y,) = ctx.saved_tensors  # also autograd's check that nothing wrote to y since
         # the engine gives grad_output y's shape, dtype and device; the kernel reads any strides of a plain tensor
-        if torch.is_grad_enabled() or not (type(grad_output) is torch.Tensor and grad_output.layout is torch.strided and not grad_output.is_neg()):
+        if (
+            torch.is_grad_enabled()
+            or not (type(grad_output) is torch.Tensor and grad_output.layout is torch.strided and not grad_output.is_neg())
+            or not (address := grad_output.data_ptr())
+        ):
             # create_graph=True (differentiate the backward too), or a gradient with no plain memory to read
+            # (a subclass, a negative view, an efficient zero tensor: address 0)
             return backward_graph(y, grad_output, 1, ctx.log), None, None
         _, n_rows, n_cols = ctx.rows
         row_stride, col_stride = grad_output.stride()  # an expanded one from a sum: (0, 0)
         dx = torch.empty_like(y)
         (layout.CPU_BACKEND or layout.import_cpu_backend()).SOFTMAX_BACKWARD[y.dtype](
-            y.data_ptr(), grad_output.data_ptr(), dx.data_ptr(), n_rows, n_cols, row_stride, col_stride, ctx.log
+            y.data_ptr(), address, dx.data_ptr(), n_rows, n_cols, row_stride, col_stride, ctx.log
         )
         return dx, None, None
 
