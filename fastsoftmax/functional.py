@@ -183,13 +183,12 @@ def cross_entropy(
         and not (z_loss or return_lse or return_z_loss or inplace_backward)
         and softcap is None
     ):
-        plain = paths.plain_call()
-        book = paths.book_arrays(input, target, ignore_index, reduction, label_smoothing) if plain else None
+        book = paths.book_arrays(input, target, ignore_index, reduction, label_smoothing) if paths.book_call() else None
         if book is not None:
             if input.requires_grad and torch.is_grad_enabled():
                 return ce_op.plain_apply(input, target, book)
             return ce_cpu.forward_reduced(input, target, book, False)[0]
-        if plain and paths.plain_cross_entropy(input, target, ignore_index, reduction, label_smoothing):
+        if paths.plain_cross_entropy(input, target, ignore_index, reduction, label_smoothing) and paths.plain_call():
             if input.requires_grad and torch.is_grad_enabled():
                 return ce_op.CrossEntropyCore.apply(input, target, None, ignore_index, reduction, label_smoothing)
             return ce_op.forward(input, target, None, ignore_index, reduction, label_smoothing, False)[0]

@@ -47,6 +47,13 @@ def plain_call() -> bool:
     return not (_is_compiling() or _jit_tracing() or _dispatch_modes() or _transforms_active() or _forward_ad._current_level >= 0)
 
 
+def book_call() -> bool:
+    """:func:`plain_call` for the book's path, minus its check of transforms (2 us with cold caches, a tenth of the
+    call): there a call that records a graph checks it anyway (``ops/direct.py``), and a transform's wrapped tensor
+    has no address to read (``data_ptr`` raises or gives 0, which :func:`book_rows` and :func:`book_arrays` refuse)."""
+    return not (_is_compiling() or _jit_tracing() or _dispatch_modes() or _forward_ad._current_level >= 0)
+
+
 def plain_softmax(input, dim, dtype) -> bool:
     """Whether a call is the common case that needs no conversion: a dense CPU float32/64 tensor, an int ``dim`` in range.
 
@@ -73,7 +80,7 @@ def book_rows(input, dim):
     with the caches as cold as a training step leaves them each Python call
     here costs about a microsecond, and a NumPy view 15: so the tensor's own
     properties, read once. Not taken under a tracer, a transform or forward
-    AD (:func:`plain_call`), for a negative view (its memory holds the
+    AD (:func:`book_call`), for a negative view (its memory holds the
     values negated), or for a tensor with no plain memory to read (nested,
     a functorch wrapper: ``shape`` or ``data_ptr`` raises; an efficient zero
     tensor: address 0).
@@ -81,7 +88,7 @@ def book_rows(input, dim):
     if not (
         type(input) is torch.Tensor
         and (dim == -1 or dim == 1)
-        and plain_call()
+        and book_call()
         and (input.dtype is _T32 or input.dtype is _T64)
         and input.is_cpu
         and input.layout is torch.strided
@@ -116,7 +123,7 @@ def book_arrays(input, target, ignore_index, reduction, label_smoothing):
     so one function. Not for negative views (their memory holds the values
     negated) nor tensors with no plain memory (``shape`` or ``data_ptr``
     raises, or gives 0: an efficient zero tensor). The caller checks
-    :func:`plain_call`.
+    :func:`book_call`.
     """
     if not (
         type(input) is torch.Tensor
