@@ -142,7 +142,7 @@ def time_case(case: Case, repeats: int, warmup: int = 2, seed: int = 0, min_seco
     totals = dict.fromkeys(case.calls, 0.0)
     order = random.Random(seed)
     done = 0
-    while done < repeats or (done < max_repeats and min(totals.values()) < min_seconds):
+    while done < repeats or (done < max_repeats and min(totals.values(), default=min_seconds) < min_seconds):
         for provider in order.sample(list(case.calls), len(case.calls)):
             call = case.calls[provider]
             _sync(case.device)
