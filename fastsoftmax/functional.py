@@ -31,12 +31,7 @@ _KERNEL_NAMES = {False: "softmax", True: "log_softmax"}
 
 
 def _softmax(input, dim, stacklevel, dtype, log: bool, name: str):
-    if dtype is None and type(dim) is int:
-        rows = paths.book_rows(input, dim)
-        if rows is not None:
-            if input.requires_grad and torch.is_grad_enabled():
-                return softmax_op.book_apply(input, rows, log)
-            return softmax_op.forward_book(input, rows, log)
+    # (softmax and log_softmax try the book's rows themselves first: at 256 x 10 a Python frame counts)
     if paths.plain_softmax(input, dim, dtype) and paths.plain_call():
         dim %= input.ndim
         if input.requires_grad and torch.is_grad_enabled():
@@ -83,6 +78,10 @@ def softmax(input, dim=None, _stacklevel=3, dtype=None):
 
     Backward: :math:`\partial x = y \odot (\partial y - \sum_k y_k \partial y_k)`.
     """
+    if dtype is None and (rows := paths.book_rows(input, dim)) is not None:
+        if input.requires_grad and torch.is_grad_enabled():
+            return softmax_op.book_apply(input, rows, False)
+        return softmax_op.forward_book(input, rows, False)
     return _softmax(input, dim, _stacklevel + 1, dtype, log=False, name="softmax")
 
 
@@ -93,6 +92,10 @@ def log_softmax(input, dim=None, _stacklevel=3, dtype=None):
 
     Backward: :math:`\partial x = \partial y - e^{y} \sum_k \partial y_k`.
     """
+    if dtype is None and (rows := paths.book_rows(input, dim)) is not None:
+        if input.requires_grad and torch.is_grad_enabled():
+            return softmax_op.book_apply(input, rows, True)
+        return softmax_op.forward_book(input, rows, True)
     return _softmax(input, dim, _stacklevel + 1, dtype, log=True, name="log_softmax")
 
 

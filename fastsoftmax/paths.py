@@ -87,8 +87,10 @@ def book_rows(input, dim):
     """
     if not (
         type(input) is torch.Tensor
+        and type(dim) is int
         and (dim == -1 or dim == 1)
-        and book_call()
+        # book_call(), written out: a frame fewer
+        and not (_is_compiling() or _jit_tracing() or _dispatch_modes() or _forward_ad._current_level >= 0)
         and (input.dtype is _T32 or input.dtype is _T64)
         and input.is_cpu
         and input.layout is torch.strided

@@ -290,8 +290,10 @@ class BookSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, rows, log):
-        y = forward_book(input, rows, log)
-        ctx.rows, ctx.log = rows, log
+        address, n_rows, n_cols = rows  # forward_book, written out: a frame fewer
+        y = torch.empty_like(input)
+        (layout.CPU_BACKEND or layout.import_cpu_backend()).SOFTMAX_FORWARD[input.dtype](address, y.data_ptr(), n_rows, n_cols, log)
+        ctx.book = n_rows, n_cols, log
         ctx.save_for_backward(y)
         return y
 
@@ -306,12 +308,12 @@ class BookSoftmax(torch.autograd.Function):
         ):
             # create_graph=True (differentiate the backward too), or a gradient with no plain memory to read
             # (a subclass, a negative view, an efficient zero tensor: address 0)
-            return backward_graph(y, grad_output, 1, ctx.log), None, None
-        _, n_rows, n_cols = ctx.rows
+            return backward_graph(y, grad_output, 1, ctx.book[2]), None, None
+        n_rows, n_cols, log = ctx.book
         row_stride, col_stride = grad_output.stride()  # an expanded one from a sum: (0, 0)
         dx = torch.empty_like(y)
         (layout.CPU_BACKEND or layout.import_cpu_backend()).SOFTMAX_BACKWARD[y.dtype](
-            y.data_ptr(), address, dx.data_ptr(), n_rows, n_cols, row_stride, col_stride, ctx.log
+            y.data_ptr(), address, dx.data_ptr(), n_rows, n_cols, row_stride, col_stride, log
         )
         return dx, None, None
 
