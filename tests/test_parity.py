@@ -472,3 +472,19 @@ def test_forward_mode_ad_as_torch():
                 assert out.tangent is not None
                 tangents.append(out.tangent)
         _compare(tangents[0], tangents[1])
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (40, 300)], ids=["book", "long rows"])
+def test_sparse_gradients_as_torch(shape):
+    """A sparse grad_output: torch's own backward op decides (today it raises NotImplementedError), for ours too."""
+    g = _x(*shape, seed=1).to_sparse()
+    errors_seen = []
+    for F in (TF, fastsoftmax):
+        for op in (F.softmax, F.log_softmax):
+            x = _x(*shape).requires_grad_()
+            try:
+                op(x, 1).backward(g)
+                errors_seen.append(None)
+            except Exception as e:  # noqa: BLE001 (the class is what is compared)
+                errors_seen.append(type(e))
+    assert errors_seen[:2] == errors_seen[2:], errors_seen

@@ -233,8 +233,15 @@ def _function_forward(ctx, input, dim, log):
     return y
 
 
+def _torchs_backward(y, grad_output, dim, log):
+    """torch's own backward op: for gradients of another layout (sparse, ...), which it computes or refuses as torch does."""
+    return (torch._log_softmax_backward_data if log else torch._softmax_backward_data)(grad_output, y, dim, y.dtype)
+
+
 def _function_backward(ctx, grad_output, log):
     (y,) = ctx.saved_tensors
+    if grad_output.layout is not torch.strided:
+        return _torchs_backward(y, grad_output, ctx.dim, log), None
     if torch.is_grad_enabled():  # create_graph=True: differentiate the backward too
         return backward_graph(y, grad_output, ctx.dim, log), None
     return backward(y, grad_output if grad_output.dtype == y.dtype else grad_output.to(y.dtype), ctx.dim, log), None
@@ -301,9 +308,11 @@ class BookSoftmax(torch.autograd.Function):
     def backward(ctx, grad_output):
         (y,) = ctx.saved_tensors  # also autograd's check that nothing wrote to y since
         # the engine gives grad_output y's shape, dtype and device; the kernel reads any strides of a plain tensor
+        if grad_output.layout is not torch.strided:
+            return _torchs_backward(y, grad_output, 1, ctx.book[2]), None, None
         if (
             torch.is_grad_enabled()
-            or not (type(grad_output) is torch.Tensor and grad_output.layout is torch.strided and not grad_output.is_neg())
+            or not (type(grad_output) is torch.Tensor and not grad_output.is_neg())
             or not (address := grad_output.data_ptr())
         ):
             # create_graph=True (differentiate the backward too), or a gradient with no plain memory to read
