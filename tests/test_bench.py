@@ -110,3 +110,19 @@ def test_book_path_script_reports_every_stage(tmp_path):
     for stage in (*book_path.STAGES, "step"):
         assert ratio[stage] == pytest.approx(medians["torch"][stage] / medians["fastsoftmax"][stage])
         assert all(m[stage] > 0 for m in medians.values())
+
+
+def test_pairwise_script_runs_and_reports_every_op(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "pairwise.py"
+    spec = importlib.util.spec_from_file_location("pairwise", path)
+    pairwise = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pairwise)
+    assert pairwise.main(["--rows", "16", "--cols", "33", "--calls", "3", "--out", str(tmp_path / "pairwise.json")]) == 0
+    rows = json.loads((tmp_path / "pairwise.json").read_text())["rows"]
+    assert [r["op"] for r in rows] == list(pairwise.cases(2, 3))
+    for r in rows:
+        assert r["shape"] == [16, 33] and r["speedup"] == pytest.approx(r["torch_ms"] / r["ours_ms"])
