@@ -19,41 +19,14 @@ import time
 
 import torch
 
-import fastsoftmax
-
-
-def cases(n_rows: int, n_cols: int, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n_rows, n_cols, generator=g)
-    dy = torch.randn(n_rows, n_cols, generator=g)
-    t = torch.randint(0, n_cols, (n_rows,), generator=g)
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-
-    def fwd_bwd(f, xg):
-        def call():
-            f(xg, -1).backward(dy)
-            xg.grad = None
-
-        return call
-
-    def ce(f, xg):
-        def call():
-            f(xg, t).backward()
-            xg.grad = None
-
-        return call
-
-    return {
-        "softmax_fwd": (lambda: fastsoftmax.softmax(x, -1), lambda: torch.softmax(x, -1)),
-        "log_softmax_fwd": (lambda: fastsoftmax.log_softmax(x, -1), lambda: torch.log_softmax(x, -1)),
-        "softmax_fwd_bwd": (fwd_bwd(fastsoftmax.softmax, xa), fwd_bwd(torch.softmax, xb)),
-        "cross_entropy_fwd_bwd": (ce(fastsoftmax.cross_entropy, xa), ce(torch.nn.functional.cross_entropy, xb)),
-    }
+from fastsoftmax.apps import bench
 
 
 def run(n_rows: int, n_cols: int, calls: int) -> list:
     rows = []
-    for op, (ours, theirs) in cases(n_rows, n_cols).items():
+    for op in bench.OPS:
+        case = bench.make_case(op, n_rows, n_cols, providers=("fastsoftmax", "torch"))  # the bench's own calls
+        ours, theirs = case.calls["fastsoftmax"], case.calls["torch"]
         for _ in range(5):
             ours()
             theirs()
