@@ -488,3 +488,36 @@ def test_sparse_gradients_as_torch(shape):
             except Exception as e:  # noqa: BLE001 (the class is what is compared)
                 errors_seen.append(type(e))
     assert errors_seen[:2] == errors_seen[2:], errors_seen
+
+
+def test_function_doors_under_tracers_fake_tensors_and_forward_ad():
+    """The ``*Function.apply`` doors under make_fx, torch.jit.trace, FakeTensorMode and forward-mode AD: the
+    registered ops (tracers) or torch's ops (forward AD), as fastsoftmax's functions."""
+    import torch.autograd.forward_ad as fwAD
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, x2, v = _x(8, 5), _x(8, 5, seed=9), _x(8, 5, seed=1)
+    t = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    W = _x(3, 5, seed=4)
+    for door, ref in (
+        (lambda z: fastsoftmax.SoftmaxFunction.apply(z, 1), lambda z: TF.softmax(z, 1)),
+        (lambda z: fastsoftmax.LogSoftmaxFunction.apply(z, 1), lambda z: TF.log_softmax(z, 1)),
+        (lambda z: fastsoftmax.CrossEntropyFunction.apply(z, t, None, -100, "mean", 0.1), lambda z: TF.cross_entropy(z, t, label_smoothing=0.1)),
+        (lambda z: fastsoftmax.LinearCrossEntropyFunction.apply(z, W, t % 3), lambda z: TF.linear_cross_entropy(z, W, t % 3)),
+    ):
+        gm = make_fx(door)(x)
+        assert "fastsoftmax" in gm.code
+        _compare(gm(x2), ref(x2))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(door, (x,), check_trace=False)
+        _compare(traced(x2), ref(x2))
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            out, expected = door(x), ref(x)
+        assert type(out) is type(expected) and out.shape == expected.shape and out.dtype == expected.dtype
+        tangents = []
+        for f in (door, ref):
+            with fwAD.dual_level():
+                tangents.append(fwAD.unpack_dual(f(fwAD.make_dual(x, v))).tangent)
+        _compare(tangents[0], tangents[1])

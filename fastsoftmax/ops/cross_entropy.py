@@ -377,7 +377,7 @@ class CrossEntropyFunction(UnderTransforms, CrossEntropyCore):
         return CrossEntropyCore.forward(ctx, input, target, weight, *args)
 
     @staticmethod
-    def under_transforms(input, target, weight, ignore_index, reduction, label_smoothing, z_loss=0.0, return_lse=False, inplace_backward=False):
+    def through_functions(input, target, weight, ignore_index, reduction, label_smoothing, z_loss=0.0, return_lse=False, inplace_backward=False):
         from ..functional import cross_entropy
 
         kw = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss)

@@ -95,19 +95,36 @@ def _direct_backward(cls) -> None:
 transforms_active = _INTERNALS[1] if _INTERNALS is not None else (lambda: False)
 
 
-class UnderTransforms:
-    """A public Function's ``apply`` that works under ``torch.func`` transforms, as torch's own ops do.
+def _not_for_the_kernels() -> bool:
+    """A tracer (torch.compile, torch.jit.trace, a dispatch mode), a functorch transform or forward-mode AD is active.
 
-    Under ``grad``, ``vmap``, ``jacrev``, ... the tensors are functorch
-    wrappers that hold no storage for our kernels to read, and torch refuses
-    a Function without ``setup_context`` there. ``apply`` then calls the
-    class's ``under_transforms(*args)`` instead, the same call in torch's
-    own ops (by way of :mod:`fastsoftmax.functional`, which does the same for
-    its functions); otherwise the Function's own ``apply``.
+    ``is_compiling()`` first: torch.compile folds it to True while it traces and never reaches the others.
+    """
+    return (
+        torch.compiler.is_compiling()
+        or torch._C._is_tracing()
+        or torch._C._len_torch_dispatch_stack() > 0
+        or transforms_active()
+        or torch.autograd.forward_ad._current_level >= 0
+    )
+
+
+class UnderTransforms:
+    """A public Function's ``apply`` that works under tracers and transforms, as torch's own ops do.
+
+    Under ``torch.func`` transforms the tensors are wrappers that hold no
+    storage for our kernels to read, and torch refuses a Function without
+    ``setup_context`` there; a tracer (``torch.compile``, ``torch.jit.trace``,
+    ``make_fx``, ``FakeTensorMode``) cannot see into the kernels; forward-mode
+    AD needs a jvp. ``apply`` then calls the class's
+    ``through_functions(*args)``: the same call by way of
+    :mod:`fastsoftmax.functional`, which runs the registered
+    ``torch.ops.fastsoftmax`` ops for tracers and torch's own ops under
+    transforms and forward AD. Otherwise it is the Function's own ``apply``.
     """
 
     @classmethod
     def apply(cls, *args, **kwargs):
-        if transforms_active():
-            return cls.under_transforms(*args, **kwargs)
+        if _not_for_the_kernels():
+            return cls.through_functions(*args, **kwargs)
         return super().apply(*args, **kwargs)

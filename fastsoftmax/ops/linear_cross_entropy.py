@@ -291,7 +291,7 @@ class LinearCrossEntropyFunction(UnderTransforms, LinearCrossEntropyCore):
         return LinearCrossEntropyCore.forward(ctx, input, linear_weight, target, linear_bias, weight, *args)
 
     @staticmethod
-    def under_transforms(input, linear_weight, target, linear_bias=None, weight=None, reduction="mean", ignore_index=None,
+    def through_functions(input, linear_weight, target, linear_bias=None, weight=None, reduction="mean", ignore_index=None,
                          label_smoothing=0.0, options=None, z_loss=0.0, softcap=None, return_lse=False):
         from ..functional import linear_cross_entropy
 

@@ -350,8 +350,10 @@ class SoftmaxFunction(UnderTransforms, SoftmaxCore):
         return _function_forward(ctx, input, _check(input, dim, "softmax"), log=False)
 
     @staticmethod
-    def under_transforms(input, dim):
-        return torch.softmax(input, _check(input, dim, "softmax"))
+    def through_functions(input, dim):
+        from ..functional import softmax
+
+        return softmax(input, _check(input, dim, "softmax"))
 
 
 class LogSoftmaxFunction(UnderTransforms, LogSoftmaxCore):
@@ -368,5 +370,7 @@ class LogSoftmaxFunction(UnderTransforms, LogSoftmaxCore):
         return _function_forward(ctx, input, _check(input, dim, "log_softmax"), log=True)
 
     @staticmethod
-    def under_transforms(input, dim):
-        return torch.log_softmax(input, _check(input, dim, "log_softmax"))
+    def through_functions(input, dim):
+        from ..functional import log_softmax
+
+        return log_softmax(input, _check(input, dim, "log_softmax"))
