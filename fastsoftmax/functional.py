@@ -190,7 +190,7 @@ def cross_entropy(
         if book is not None:
             if input.requires_grad and torch.is_grad_enabled():
                 return ce_op.plain_apply(input, target, book)
-            return ce_cpu.forward_reduced(input, target, book, False)[0]
+            return ce_cpu.forward_reduced(input, target, book)
         if paths.plain_cross_entropy(input, target, ignore_index, reduction, label_smoothing) and paths.plain_call():
             if input.requires_grad and torch.is_grad_enabled():
                 return ce_op.CrossEntropyCore.apply(input, target, None, ignore_index, reduction, label_smoothing)

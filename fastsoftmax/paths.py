@@ -11,47 +11,40 @@
   ``torch.ops.fastsoftmax`` ops, which tracers see, instead of the kernels.
 * :func:`torch_ops_only`: ``torch.func`` transforms or forward-mode AD:
   torch's own ops compute the call.
+
+(Those two, :func:`plain_call` and :func:`book_call` live in
+``ops/direct.py``, whose ``UnderTransforms`` doors ask the same.)
 """
 
 import torch
 
 from . import validation
 from .kernels import config
-from .ops import direct
+from .ops.direct import (
+    book_call,
+    dispatch_modes,
+    forward_ad,
+    is_compiling,
+    jit_tracing,
+    plain_call,
+    recorded,
+    torch_ops_only,
+)
+
+__all__ = [
+    "book_arrays",
+    "book_call",
+    "book_rows",
+    "plain_call",
+    "plain_cross_entropy",
+    "plain_softmax",
+    "recorded",
+    "torch_ops_only",
+]
 
 _PLAIN_DTYPES = (torch.float32, torch.float64)
 _PLAIN_REDUCTIONS = frozenset(validation.REDUCTIONS)
 _T32, _T64, _TI64 = torch.float32, torch.float64, torch.int64
-_is_compiling = torch.compiler.is_compiling
-_transforms_active = direct.transforms_active
-_jit_tracing = torch._C._is_tracing
-_dispatch_modes = torch._C._len_torch_dispatch_stack
-_forward_ad = torch.autograd.forward_ad
-
-
-def recorded() -> bool:
-    """Whether a tracer records this call: torch.compile, torch.jit.trace, or a Python dispatch mode (make_fx,
-    FakeTensorMode). Our kernels are invisible to them (and a fake tensor has no memory); the registered
-    ``torch.ops.fastsoftmax`` ops are not."""
-    return _is_compiling() or _jit_tracing() or _dispatch_modes() > 0
-
-
-def torch_ops_only() -> bool:
-    """Whether torch's own ops must compute this call: under torch.func transforms (their wrapped tensors hold
-    no storage for our kernels, and our Functions have no batching rules) or forward-mode AD (no jvp)."""
-    return _transforms_active() or _forward_ad._current_level >= 0
-
-
-def plain_call() -> bool:
-    """Neither :func:`recorded` nor :func:`torch_ops_only`: the kernels may run on the tensors' memory."""
-    return not (_is_compiling() or _jit_tracing() or _dispatch_modes() or _transforms_active() or _forward_ad._current_level >= 0)
-
-
-def book_call() -> bool:
-    """:func:`plain_call` for the book's path, minus its check of transforms (2 us with cold caches, a tenth of the
-    call): there a call that records a graph checks it anyway (``ops/direct.py``), and a transform's wrapped tensor
-    has no address to read (``data_ptr`` raises or gives 0, which :func:`book_rows` and :func:`book_arrays` refuse)."""
-    return not (_is_compiling() or _jit_tracing() or _dispatch_modes() or _forward_ad._current_level >= 0)
 
 
 def plain_softmax(input, dim, dtype) -> bool:
@@ -90,7 +83,7 @@ def book_rows(input, dim):
         and type(dim) is int
         and (dim == -1 or dim == 1)
         # book_call(), written out: a frame fewer
-        and not (_is_compiling() or _jit_tracing() or _dispatch_modes() or _forward_ad._current_level >= 0)
+        and not (is_compiling() or jit_tracing() or dispatch_modes() or forward_ad._current_level >= 0)
         and (input.dtype is _T32 or input.dtype is _T64)
         and input.is_cpu
         and input.layout is torch.strided

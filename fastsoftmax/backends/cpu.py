@@ -188,10 +188,11 @@ def cross_entropy_small(x, target, ignore_index: int, eps: float, reduction: str
     return denom
 
 
-#: The book's one-call kernels (:mod:`kernels.cpu_small`), by NumPy dtype, called without Numba's type
-#: dispatch: ``SOFTMAX_FORWARD[dtype](x, y, log)``, ``SOFTMAX_BACKWARD[dtype](y, dy, dx, log)``,
-#: ``CROSS_ENTROPY_BOOK[dtype](x, target, ignore_index, eps, mean, grad) -> (bad, loss)``; the arrays
-#: exactly as each signature states (its ``_Entries`` checks dtypes, not layouts).
+#: The book's one-call kernels (:mod:`kernels.cpu_small`), by dtype (NumPy's or torch's), called without Numba's
+#: type dispatch and with the tensors' addresses: ``SOFTMAX_FORWARD[dtype](x, y, n_rows, n_cols, log)``,
+#: ``SOFTMAX_BACKWARD[dtype](y, dy, dx, n_rows, n_cols, dy_row_stride, dy_col_stride, log)``,
+#: ``CROSS_ENTROPY_BOOK[dtype](x, target, grad, loss, n_rows, n_cols, ignore_index, eps, mean) -> bad``.
+#: Nothing checks the addresses: callers hold the guarantees of :mod:`kernels.pointers`.
 SOFTMAX_FORWARD = cpu_small.SOFTMAX_FORWARD
 SOFTMAX_BACKWARD = cpu_small.SOFTMAX_BACKWARD
 CROSS_ENTROPY_BOOK = cpu_small.CROSS_ENTROPY_BOOK

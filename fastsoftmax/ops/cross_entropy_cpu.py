@@ -146,31 +146,31 @@ _NO_LSE = {dtype: torch.empty(0, dtype=dtype) for dtype in _KERNEL_DTYPES}
 
 
 #: 0-d templates of the book's loss, by dtype
-SCALAR_TEMPLATES = {dtype: torch.empty((), dtype=dtype) for dtype in (torch.float32, torch.float64)}
+SCALAR_TEMPLATES = {dtype: torch.empty((), dtype=dtype) for dtype in _KERNEL_DTYPES}
 
 
-def forward_reduced(input, target, book: tuple, compute_grad: bool) -> tuple:
-    """``(loss, grad)`` for the book's call: one kernel call checks the targets, computes and reduces the loss.
+def forward_reduced(input, target, book: tuple, grad=None):
+    """The book's loss, reduced, as a new 0-d tensor: one kernel call checks the targets, computes and reduces it.
 
     ``book = (x, t, n_rows, n_cols, ignore_index, reduction, eps)``: the
     addresses of ``input``, contiguous CPU float32/64 logits ``(N, C)`` of
     at most ``config.CPU_SMALL_CLASSES`` classes and fewer than
     ``config.CPU_PARALLEL_MIN_ELEMENTS`` elements, and of ``target``,
     contiguous int64 ``(N,)``; no weight; a mean or a sum (checked by the
-    caller: ``fastsoftmax.paths.book_arrays``). ``grad`` is the
-    gradient for a unit grad_output (None unless ``compute_grad``). The same
-    kernels and bits as :func:`_forward_rows`; the kernel reads and writes
-    at the tensors' addresses (``kernels/pointers.py``).
+    caller: ``fastsoftmax.paths.book_arrays``). ``grad``: None, or a
+    contiguous tensor like ``input`` (``input`` itself too: the kernel reads
+    all the logits first) that takes the gradient for a unit grad_output.
+    The same kernels and bits as :func:`_forward_rows`; the kernel reads and
+    writes at the tensors' addresses (``kernels/pointers.py``).
     """
     x, t, n_rows, n_cols, ignore_index, reduction, eps = book
     loss = torch.empty_like(SCALAR_TEMPLATES[input.dtype])  # a third cheaper than torch.empty((), dtype=...) with cold caches
-    grad = torch.empty_like(input) if compute_grad else None
     bad = (layout.CPU_BACKEND or layout.import_cpu_backend()).CROSS_ENTROPY_BOOK[input.dtype](
-        x, t, grad.data_ptr() if compute_grad else 0, loss.data_ptr(), n_rows, n_cols, ignore_index, eps, reduction == "mean"
+        x, t, 0 if grad is None else grad.data_ptr(), loss.data_ptr(), n_rows, n_cols, ignore_index, eps, reduction == "mean"
     )
     if bad >= 0:
         raise bad_target(int(target[bad]), bad, n_cols, ignore_index)
-    return loss, grad
+    return loss
 
 
 def _chunked(kernel, x, targets, w, prob, ignore_index, eps, scale, z_scale, loss, lse, grad, compute_grad, compute):

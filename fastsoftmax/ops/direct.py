@@ -95,18 +95,40 @@ def _direct_backward(cls) -> None:
 transforms_active = _INTERNALS[1] if _INTERNALS is not None else (lambda: False)
 
 
-def _not_for_the_kernels() -> bool:
-    """A tracer (torch.compile, torch.jit.trace, a dispatch mode), a functorch transform or forward-mode AD is active.
+# --- may a call run the kernels at all? -------------------------------------------------------------------
+# The checks below cost 0.5-2 us each with cold caches; at the book's 256 x 10 each counts, so they are bound here
+# once and read without attribute lookups.
+is_compiling = torch.compiler.is_compiling
+jit_tracing = torch._C._is_tracing
+dispatch_modes = torch._C._len_torch_dispatch_stack
+forward_ad = torch.autograd.forward_ad
 
-    ``is_compiling()`` first: torch.compile folds it to True while it traces and never reaches the others.
-    """
-    return (
-        torch.compiler.is_compiling()
-        or torch._C._is_tracing()
-        or torch._C._len_torch_dispatch_stack() > 0
-        or transforms_active()
-        or torch.autograd.forward_ad._current_level >= 0
-    )
+
+def recorded() -> bool:
+    """Whether a tracer records this call: torch.compile, torch.jit.trace, or a Python dispatch mode (make_fx,
+    FakeTensorMode). Our kernels are invisible to them (and a fake tensor has no memory); the registered
+    ``torch.ops.fastsoftmax`` ops are not. ``is_compiling()`` first: torch.compile folds it to True while it
+    traces and never reaches the others."""
+    return is_compiling() or jit_tracing() or dispatch_modes() > 0
+
+
+def torch_ops_only() -> bool:
+    """Whether torch's own ops must compute this call: under torch.func transforms (their wrapped tensors hold
+    no storage for our kernels, and our Functions have no batching rules) or forward-mode AD (no jvp)."""
+    return transforms_active() or forward_ad._current_level >= 0
+
+
+def plain_call() -> bool:
+    """Neither :func:`recorded` nor :func:`torch_ops_only`: the kernels may run on the tensors' memory."""
+    return not (is_compiling() or jit_tracing() or dispatch_modes() or transforms_active() or forward_ad._current_level >= 0)
+
+
+def book_call() -> bool:
+    """:func:`plain_call` for the book's path, minus its check of transforms (2 us with cold caches, a tenth of the
+    call): there a call that records a graph checks it anyway (:func:`direct_apply`), and a transform's wrapped tensor
+    has no address to read (``data_ptr`` raises or gives 0, which ``fastsoftmax.paths.book_rows`` and
+    ``book_arrays`` refuse)."""
+    return not (is_compiling() or jit_tracing() or dispatch_modes() or forward_ad._current_level >= 0)
 
 
 class UnderTransforms:
@@ -125,6 +147,6 @@ class UnderTransforms:
 
     @classmethod
     def apply(cls, *args, **kwargs):
-        if _not_for_the_kernels():
+        if not plain_call():
             return cls.through_functions(*args, **kwargs)
         return super().apply(*args, **kwargs)

@@ -20,7 +20,7 @@ from torch import Tensor
 from ..errors import bad_target
 from ..kernels import config
 from . import cross_entropy as ce_op
-from .cross_entropy_cpu import SCALAR_TEMPLATES
+from .cross_entropy_cpu import forward_reduced
 from .layout import device, numpy_of
 
 _NO_ROWS = np.empty(0)
@@ -323,7 +323,7 @@ def _forward_plain(input, linear_weight, target, linear_bias, weight, ignore_ind
         and reduction != "none"
         and be.small_rows(*target.shape, linear_weight.shape[0])
     ):
-        return _forward_book(be, input, linear_weight, target.resolve_neg().contiguous(), linear_bias, ignore_index, reduction, eps, needs)
+        return _forward_book(input, linear_weight, target.resolve_neg().contiguous(), linear_bias, ignore_index, reduction, eps, needs)
     t = numpy_of(target)
     w = None if weight is None else numpy_of(weight.detach().contiguous())
     denom, count = be.check_targets(t, linear_weight.shape[0], ignore_index, w)
@@ -355,26 +355,22 @@ def _gradients(z, input, linear_weight, needs) -> tuple:
     return gx, gw, gb
 
 
-def _forward_book(be, input, linear_weight, target, linear_bias, ignore_index, reduction, eps, needs):
+def _forward_book(input, linear_weight, target, linear_bias, ignore_index, reduction, eps, needs):
     """:func:`_forward_plain` for the book's few rows and classes, no class weight, a mean or a sum.
 
     The kernel of ``fastsoftmax.cross_entropy``'s book path
-    (``kernels/cpu_small.cross_entropy_book_at``: the targets checked, the loss reduced and the gradient written over
-    the logits in one serial call) instead of the threaded row kernel, whose launch costs more than the work here.
+    (:func:`.cross_entropy_cpu.forward_reduced`: the targets checked, the loss reduced and the gradient written
+    over the logits in one serial call) instead of the threaded row kernel, whose launch costs more than the work here.
     """
     z = _logits(input, linear_weight, linear_bias)
     n_rows, n_cols = z.shape
-    loss = torch.empty_like(SCALAR_TEMPLATES[z.dtype])
-    if not (z.data_ptr() and loss.data_ptr() and target.data_ptr()):  # fake tensors (FakeTensorMode) have no memory
+    book = (z.data_ptr(), target.data_ptr(), n_rows, n_cols, ignore_index, reduction, eps)
+    if not (book[0] and book[1]):  # fake tensors (FakeTensorMode) have no memory
         raise RuntimeError(
             "fastsoftmax: linear_cross_entropy's CPU kernels need tensors with memory; under a dispatch mode "
             "(FakeTensorMode, make_fx) call fastsoftmax.linear_cross_entropy or torch.ops.fastsoftmax.linear_cross_entropy"
         )
-    bad = be.CROSS_ENTROPY_BOOK[z.dtype](
-        z.data_ptr(), target.data_ptr(), z.data_ptr() if any(needs) else 0, loss.data_ptr(), n_rows, n_cols, ignore_index, eps, reduction == "mean"
-    )
-    if bad >= 0:
-        raise bad_target(int(target[bad]), bad, n_cols, ignore_index)
+    loss = forward_reduced(z, target, book, z if any(needs) else None)
     return (loss, *_gradients(z, input, linear_weight, needs), None)
 
 
