@@ -12,8 +12,9 @@ Each thread keeps two flags for NaN and ``+inf`` beside its pair, and folds
 only the other elements. float16 is read as float16; the pairs accumulate
 in float32 (float64 for float64 rows); the result is written in float64.
 
-Self-contained (numba-cuda and :mod:`.rowmath` only), so that it does not
-depend on how the softmax kernels' helpers are laid out. It is compiled
+Self-contained (numba-cuda and :mod:`.rowmath` only, and the dtypes' short
+names of :mod:`.cuda_codec`), so that it does not depend on how the softmax
+kernels' helpers are laid out. It is compiled
 like the others, by :func:`kernels.cuda.get` (family ``logsumexp``, with
 its launch bounds), and gated offline with them; its only float64
 instructions in a float32 or float16 kernel are those of the float64
@@ -27,12 +28,12 @@ from numba import cuda
 from numba.cuda.types import float16, float32, float64, int32, void
 
 from . import rowmath
+from .cuda_codec import SHORT
 
 _device = cuda.jit(device=True, inline="always")
 _lse_merge = _device(rowmath.lse_merge)
 
 DTYPES = {"float32": float32, "float64": float64, "float16": float16}
-_SHORT = {"float32": "f32", "float64": "f64", "float16": "f16"}
 
 #: Threads per block (one block per row): 8 warps, enough loads in flight to stream a long row.
 THREADS = 256
@@ -101,7 +102,7 @@ def logsumexp_rows(dtype: str, threads: int):
 
 def kernel_name(dtype: str) -> str:
     """``logsumexp_f32_block``."""
-    return f"logsumexp_{_SHORT[dtype]}_block"
+    return f"logsumexp_{SHORT[dtype]}_block"
 
 
 def signature(dtype: str):
