@@ -424,56 +424,6 @@ def test_tensors_without_memory_as_torch(shape):
         _compare(torch.func.functionalize(ours)(x), theirs(x))
 
 
-def test_tracers_record_our_ops_and_fake_tensors_stay_fake():
-    """torch.jit.trace, make_fx and FakeTensorMode see the registered torch.ops.fastsoftmax ops: a traced graph
-    recomputes on new inputs, fake inputs give fake results of torch's shapes."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    x, x2 = _x(8, 5), _x(8, 5, seed=9)
-    t = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
-    for ours, theirs in (
-        (lambda a: fastsoftmax.softmax(a, -1), lambda a: TF.softmax(a, -1)),
-        (lambda a: fastsoftmax.log_softmax(a, 1), lambda a: TF.log_softmax(a, 1)),
-        (lambda a: fastsoftmax.cross_entropy(a, t), lambda a: TF.cross_entropy(a, t)),
-    ):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            traced = torch.jit.trace(ours, (x,), check_trace=False)
-        _compare(traced(x2), theirs(x2))
-        gm = make_fx(ours)(x)
-        assert "fastsoftmax" in gm.code
-        _compare(gm(x2), theirs(x2))
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            out = ours(x)
-            ref = theirs(x)
-        assert type(out) is type(ref) and out.shape == ref.shape and out.dtype == ref.dtype
-    W = _x(5, 5, seed=4)
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        out = fastsoftmax.linear_cross_entropy(x, W, t)
-    assert out.shape == () and type(out).__name__ == "FakeTensor"
-
-
-def test_forward_mode_ad_as_torch():
-    import torch.autograd.forward_ad as fwAD
-
-    x, v = _x(8, 5), _x(8, 5, seed=1)
-    t = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
-    for ours, theirs in (
-        (lambda a: fastsoftmax.softmax(a, -1), lambda a: TF.softmax(a, -1)),
-        (lambda a: fastsoftmax.log_softmax(a, 1), lambda a: TF.log_softmax(a, 1)),
-        (lambda a: fastsoftmax.cross_entropy(a, t, label_smoothing=0.1), lambda a: TF.cross_entropy(a, t, label_smoothing=0.1)),
-        (lambda a: fastsoftmax.linear_cross_entropy(a, x[:4], t % 4), lambda a: TF.linear_cross_entropy(a, x[:4], t % 4)),
-    ):
-        tangents = []
-        for f in (ours, theirs):
-            with fwAD.dual_level():
-                out = fwAD.unpack_dual(f(fwAD.make_dual(x, v)))
-                assert out.tangent is not None
-                tangents.append(out.tangent)
-        _compare(tangents[0], tangents[1])
-
-
 @pytest.mark.parametrize("shape", [(4, 3), (40, 300)], ids=["book", "long rows"])
 def test_sparse_gradients_as_torch(shape):
     """A sparse grad_output: torch's own backward op decides (today it raises NotImplementedError), for ours too."""
@@ -490,34 +440,54 @@ def test_sparse_gradients_as_torch(shape):
     assert errors_seen[:2] == errors_seen[2:], errors_seen
 
 
-def test_function_doors_under_tracers_fake_tensors_and_forward_ad():
-    """The ``*Function.apply`` doors under make_fx, torch.jit.trace, FakeTensorMode and forward-mode AD: the
-    registered ops (tracers) or torch's ops (forward AD), as fastsoftmax's functions."""
+_T8 = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+_W = _x(3, 5, seed=4)
+
+#: name -> (ours, torch's), on an (8, 5) input: the functions and the *Function.apply doors
+TRACED_CALLS = {
+    "softmax": (lambda a: fastsoftmax.softmax(a, -1), lambda a: TF.softmax(a, -1)),
+    "log_softmax": (lambda a: fastsoftmax.log_softmax(a, 1), lambda a: TF.log_softmax(a, 1)),
+    "cross_entropy": (lambda a: fastsoftmax.cross_entropy(a, _T8, label_smoothing=0.1), lambda a: TF.cross_entropy(a, _T8, label_smoothing=0.1)),
+    "linear_cross_entropy": (lambda a: fastsoftmax.linear_cross_entropy(a, _W, _T8 % 3), lambda a: TF.linear_cross_entropy(a, _W, _T8 % 3)),
+    "SoftmaxFunction": (lambda a: fastsoftmax.SoftmaxFunction.apply(a, 1), lambda a: TF.softmax(a, 1)),
+    "LogSoftmaxFunction": (lambda a: fastsoftmax.LogSoftmaxFunction.apply(a, 1), lambda a: TF.log_softmax(a, 1)),
+    "CrossEntropyFunction": (
+        lambda a: fastsoftmax.CrossEntropyFunction.apply(a, _T8, None, -100, "mean", 0.1),
+        lambda a: TF.cross_entropy(a, _T8, label_smoothing=0.1),
+    ),
+    "LinearCrossEntropyFunction": (
+        lambda a: fastsoftmax.LinearCrossEntropyFunction.apply(a, _W, _T8 % 3),
+        lambda a: TF.linear_cross_entropy(a, _W, _T8 % 3),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(TRACED_CALLS))
+def test_tracers_fake_tensors_and_forward_ad_as_torch(name):
+    """torch.jit.trace, make_fx and FakeTensorMode see the registered torch.ops.fastsoftmax ops (a traced graph
+    recomputes on new inputs; fake inputs give fake results of torch's shapes); forward-mode AD computes torch's
+    tangents. For the functions and the doors alike."""
     import torch.autograd.forward_ad as fwAD
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
+    ours, theirs = TRACED_CALLS[name]
     x, x2, v = _x(8, 5), _x(8, 5, seed=9), _x(8, 5, seed=1)
-    t = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
-    W = _x(3, 5, seed=4)
-    for door, ref in (
-        (lambda z: fastsoftmax.SoftmaxFunction.apply(z, 1), lambda z: TF.softmax(z, 1)),
-        (lambda z: fastsoftmax.LogSoftmaxFunction.apply(z, 1), lambda z: TF.log_softmax(z, 1)),
-        (lambda z: fastsoftmax.CrossEntropyFunction.apply(z, t, None, -100, "mean", 0.1), lambda z: TF.cross_entropy(z, t, label_smoothing=0.1)),
-        (lambda z: fastsoftmax.LinearCrossEntropyFunction.apply(z, W, t % 3), lambda z: TF.linear_cross_entropy(z, W, t % 3)),
-    ):
-        gm = make_fx(door)(x)
-        assert "fastsoftmax" in gm.code
-        _compare(gm(x2), ref(x2))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            traced = torch.jit.trace(door, (x,), check_trace=False)
-        _compare(traced(x2), ref(x2))
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            out, expected = door(x), ref(x)
-        assert type(out) is type(expected) and out.shape == expected.shape and out.dtype == expected.dtype
-        tangents = []
-        for f in (door, ref):
-            with fwAD.dual_level():
-                tangents.append(fwAD.unpack_dual(f(fwAD.make_dual(x, v))).tangent)
-        _compare(tangents[0], tangents[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(ours, (x,), check_trace=False)
+    _compare(traced(x2), theirs(x2))
+    gm = make_fx(ours)(x)
+    assert "fastsoftmax" in gm.code
+    _compare(gm(x2), theirs(x2))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        out, expected = ours(x), theirs(x)
+    assert type(out).__name__ == type(expected).__name__ == "FakeTensor"
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    tangents = []
+    for f in (ours, theirs):
+        with fwAD.dual_level():
+            out = fwAD.unpack_dual(f(fwAD.make_dual(x, v)))
+            assert out.tangent is not None
+            tangents.append(out.tangent)
+    _compare(tangents[0], tangents[1])
